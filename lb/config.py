@@ -1,0 +1,1186 @@
+"""Configuration: one TOML file (DESIGN.md section 3) validated into typed, frozen objects.
+
+Pure: no sockets, no asyncio. :func:`load_config` reads one file; :func:`parse_config` does the
+rest on the decoded TOML document, so tests feed it dicts.
+
+Rules of the loader:
+
+- Every problem of a file is collected before anything is refused; :class:`ConfigError` carries
+  them all, each reading ``FILE: key.path: problem``.
+- Unknown keys are errors, with a close match suggested when there is one.
+- Durations are strings with a unit (``"100ms"``, ``"2s"``, ``"10m"``, ``"1h"``) and become float
+  seconds; a bare number is refused because its unit would be a guess.
+- Addresses are IPv4 dotted quads and stay strings in the model (``lb.addr.ip_to_int`` turns them
+  into the integers the data plane uses).
+- The defaults live in the dataclasses below, so a test can build a config object directly and
+  get the same defaults the loader applies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import json
+import os
+import re
+import shlex
+import tomllib
+import types
+from collections.abc import Callable, Collection, Iterator, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Final, Literal, TypeAlias, TypeVar, get_args
+
+__all__ = [
+    "CheckType",
+    "Config",
+    "ConfigError",
+    "DataplaneConfig",
+    "Endpoint",
+    "HealthCheckConfig",
+    "MetricsConfig",
+    "NodeConfig",
+    "OnServerDown",
+    "Persistence",
+    "PoolConfig",
+    "Protocol",
+    "Scheduler",
+    "ServerConfig",
+    "SessionsConfig",
+    "SyncConfig",
+    "TrackInterface",
+    "TrackPool",
+    "VirtualServerConfig",
+    "VrrpAddress",
+    "VrrpGroupConfig",
+    "VrrpInstanceConfig",
+    "load_config",
+    "parse_config",
+    "parse_duration",
+]
+
+Protocol: TypeAlias = Literal["tcp", "udp"]
+Scheduler: TypeAlias = Literal["rr", "wrr", "lc", "wlc", "sh", "maglev"]
+Persistence: TypeAlias = Literal["none", "client-ip"]
+OnServerDown: TypeAlias = Literal["keep", "reset"]
+CheckType: TypeAlias = Literal["tcp", "http", "https", "udp", "icmp", "script"]
+
+# --------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """An ``ADDR:PORT`` pair such as the metrics or sync listen address."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NodeConfig:
+    """``[node]``: who this box is and where its control socket lives."""
+
+    name: str
+    control_socket: str = "/run/lbd/control.sock"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DataplaneConfig:
+    """``[dataplane]``: the TUN device, the two interfaces and what lbd owns in the kernel."""
+
+    tun: str = "lbtun0"
+    client_interface: str
+    server_interface: str
+    batch: int = 256  # packets drained per wake-up
+    route_table: int = 4711  # the routing table lbd owns
+    rule_priority: int = 4711  # first of the RULE_PRIORITY_SPAN ip rule priorities lbd uses
+
+
+RULE_PRIORITY_SPAN: Final = 64
+"""How many consecutive ip rule priorities lbd uses, starting at ``rule_priority``."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SessionsConfig:
+    """``[sessions]``: table size and idle timeouts, in seconds."""
+
+    max_sessions: int = 1_048_576
+    tcp_syn_timeout: float = 60.0  # "60s"
+    tcp_established_timeout: float = 900.0  # "15m"
+    tcp_fin_timeout: float = 120.0  # "2m"
+    tcp_time_wait_timeout: float = 120.0  # "2m"
+    tcp_close_timeout: float = 10.0  # "10s"
+    udp_timeout: float = 300.0  # "5m"
+    expiry_tick: float = 0.1  # "100ms": granularity of session expiry
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MetricsConfig:
+    """``[metrics]``: where Prometheus scrapes; ``listen`` is None when disabled (``""``)."""
+
+    listen: Endpoint | None = Endpoint("127.0.0.1", 9641)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VirtualServerConfig:
+    """``[virtual_servers.NAME]``: a VIP:port that clients connect to, served by one pool."""
+
+    name: str
+    address: str
+    port: int
+    protocol: Protocol = "tcp"
+    pool: str
+    scheduler: Scheduler = "wlc"
+    persistence: Persistence = "none"
+    persistence_timeout: float = 300.0  # "5m"
+    persistence_netmask: int = 32  # clients in the same /N share a binding
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServerConfig:
+    """One entry of a pool's ``servers``."""
+
+    address: str
+    port: int
+    weight: int = 1  # 0 = takes no new sessions
+    backup: bool = False  # serves only while no primary is usable
+    max_conns: int = 0  # 0 = unlimited
+
+    def __str__(self) -> str:
+        return f"{self.address}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HealthCheckConfig:
+    """A pool's ``health_check``. Keys that do not apply to ``type`` are None.
+
+    http/https: ``path``, ``expect_status``, ``expect_body``, ``host``; https also ``verify``.
+    udp: ``payload``, ``expect``. script: ``command`` (argv, split with shlex). tcp, icmp: none.
+    """
+
+    type: CheckType
+    interval: float = 2.0
+    timeout: float = 1.0
+    rise: int = 2  # consecutive successes that bring a server up
+    fall: int = 3  # consecutive failures that bring it down
+    port: int | None = None  # probe this port instead of the server's
+    source: str | None = None  # bind probes to this local address
+    path: str | None = None
+    expect_status: tuple[int, ...] | None = None
+    expect_body: str | None = None
+    host: str | None = None
+    verify: bool | None = None
+    payload: str | None = None
+    expect: str | None = None
+    command: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PoolConfig:
+    """``[pools.NAME]``: real servers, in file order, and how their health is judged."""
+
+    name: str
+    servers: tuple[ServerConfig, ...]
+    health_check: HealthCheckConfig | None = None  # None: servers are always up
+    on_server_down: OnServerDown = "keep"  # keep or reset the sessions of a server gone down
+    slow_start: float = 0.0  # seconds to ramp a returning server's weight; 0 = off
+
+
+@dataclass(frozen=True, slots=True)
+class VrrpAddress:
+    """A virtual address and its prefix length (32 when the config gave none)."""
+
+    address: str
+    prefix_len: int = 32
+
+    def __str__(self) -> str:
+        return f"{self.address}/{self.prefix_len}"
+
+
+@dataclass(frozen=True, slots=True)
+class TrackInterface:
+    """A tracked link: weight 0 puts the instance in FAULT while the link is down, any other
+    weight is added to the priority instead (keepalived's ``track_interface``)."""
+
+    interface: str
+    weight: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class TrackPool:
+    """A tracked pool, down while none of its servers is up; weight as for interfaces."""
+
+    pool: str
+    weight: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VrrpInstanceConfig:
+    """``[vrrp.instances.NAME]``: one VRRPv3 virtual router."""
+
+    name: str
+    interface: str
+    vrid: int
+    priority: int = 100
+    advert_interval: float = 1.0  # a whole number of centiseconds, see advert_centiseconds
+    preempt: bool = True
+    preempt_delay: float = 0.0
+    addresses: tuple[VrrpAddress, ...]
+    unicast_peers: tuple[str, ...] = ()  # empty: multicast to 224.0.0.18
+    track_interfaces: tuple[TrackInterface, ...] = ()
+    track_pools: tuple[TrackPool, ...] = ()
+    garp_count: int = 5
+    garp_interval: float = 0.05
+    notify: str | None = None
+    notify_master: str | None = None
+    notify_backup: str | None = None
+    notify_fault: str | None = None
+
+    @property
+    def advert_centiseconds(self) -> int:
+        """The advertisement interval as RFC 5798's 12-bit Max Adver Int field (centiseconds)."""
+        return round(self.advert_interval * 100)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VrrpGroupConfig:
+    """``[vrrp.groups.NAME]``: instances that fail over together."""
+
+    name: str
+    instances: tuple[str, ...]
+    notify: str | None = None
+    notify_master: str | None = None
+    notify_backup: str | None = None
+    notify_fault: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SyncConfig:
+    """``[sync]``: the session-sync link to the peer node."""
+
+    listen: Endpoint
+    peer: Endpoint
+    key_file: str  # shared secret; the loader does not read it
+
+
+def _no_pools() -> Mapping[str, PoolConfig]:
+    return types.MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    """A whole, validated configuration file."""
+
+    source: str  # the file it came from
+    node: NodeConfig
+    dataplane: DataplaneConfig
+    sessions: SessionsConfig = SessionsConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    virtual_servers: tuple[VirtualServerConfig, ...] = ()  # file order
+    pools: Mapping[str, PoolConfig] = field(default_factory=_no_pools)  # read-only, file order
+    vrrp_instances: tuple[VrrpInstanceConfig, ...] = ()
+    vrrp_groups: tuple[VrrpGroupConfig, ...] = ()
+    sync: SyncConfig | None = None
+
+    @property
+    def standalone(self) -> bool:
+        """No VRRP instance: this node holds its VIPs alone."""
+        return not self.vrrp_instances
+
+
+class ConfigError(Exception):
+    """A configuration was refused; ``errors`` holds every problem, ``FILE: key.path: problem``."""
+
+    def __init__(self, errors: list[str]) -> None:
+        self.errors = list(errors)
+        super().__init__("\n".join(self.errors))
+
+    def __str__(self) -> str:
+        return "\n".join(self.errors)
+
+
+# --------------------------------------------------------------------------------------------
+# Durations
+# --------------------------------------------------------------------------------------------
+
+_DURATION: Final = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")
+_UNIT_SECONDS: Final = {
+    "ms": Decimal("0.001"),
+    "s": Decimal(1),
+    "m": Decimal(60),
+    "h": Decimal(3600),
+}
+
+
+def parse_duration(text: str) -> float:
+    """``"<number><unit>"`` (unit ms, s, m or h) to float seconds: ``"1.5s"`` → 1.5.
+
+    Raises ValueError for anything else, including a bare number.
+    """
+    if not isinstance(text, str):
+        raise ValueError(
+            f'a duration is a string with a unit such as "2s" or "100ms", got {_describe(text)}'
+        )
+    match = _DURATION.fullmatch(text)
+    if match is None:
+        raise ValueError(
+            f"invalid duration {json.dumps(text)}: expected a number and a unit "
+            '(ms, s, m or h), such as "100ms", "2s" or "10m"'
+        )
+    return float(Decimal(match[1]) * _UNIT_SECONDS[match[2]])
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate one TOML file. Every problem raises :class:`ConfigError`."""
+    source = os.fspath(path)
+    try:
+        raw = Path(source).read_bytes()
+    except OSError as exc:
+        raise ConfigError([f"{source}: cannot read file: {exc.strerror or exc}"]) from exc
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{source}: not UTF-8 text: byte {exc.start} is invalid"]) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{source}: TOML syntax error: {exc}"]) from exc
+    return parse_config(data, source)
+
+
+def parse_config(data: Mapping[str, Any], source: str) -> Config:
+    """Validate a decoded TOML document; ``source`` names it in error messages."""
+    errors = _Errors(source)
+    root = _Table(errors, data, "")
+    pools_raw = data.get("pools")
+    pool_names = tuple(pools_raw) if isinstance(pools_raw, Mapping) else ()
+
+    node_t = root.table("node", required=True)
+    node = _node(node_t) if node_t else None
+    dataplane_t = root.table("dataplane", required=True)
+    dataplane = _dataplane(dataplane_t) if dataplane_t else None
+    sessions_t = root.table("sessions")
+    sessions = _sessions(sessions_t) if sessions_t else SessionsConfig()
+    metrics_t = root.table("metrics")
+    metrics = _metrics(metrics_t) if metrics_t else MetricsConfig()
+    virtual_servers = _virtual_servers(root, pool_names)
+    pools = _pools(root)
+    instances, groups = _vrrp(root.table("vrrp"), pool_names)
+    sync_t = root.table("sync")
+    sync = _sync(sync_t) if sync_t else None
+    root.finish()
+
+    if errors.items or node is None or dataplane is None:
+        raise ConfigError(errors.items)
+    return Config(
+        source=source,
+        node=node,
+        dataplane=dataplane,
+        sessions=sessions,
+        metrics=metrics,
+        virtual_servers=virtual_servers,
+        pools=types.MappingProxyType({pool.name: pool for pool in pools}),
+        vrrp_instances=instances,
+        vrrp_groups=groups,
+        sync=sync,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+def _default(cls: type[Any], name: str) -> Any:
+    """The default of a dataclass field: the model is the one place defaults are written."""
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            return f.default
+    raise KeyError(name)  # a typo here is a bug, not a config problem
+
+
+def _node(t: _Table) -> NodeConfig:
+    node = NodeConfig(
+        name=t.req("name", _name, ""),
+        control_socket=t.get("control_socket", _abs_path, _default(NodeConfig, "control_socket")),
+    )
+    t.finish()
+    return node
+
+
+def _dataplane(t: _Table) -> DataplaneConfig:
+    d = DataplaneConfig
+    dp = DataplaneConfig(
+        tun=t.get("tun", _ifname, _default(d, "tun")),
+        client_interface=t.req("client_interface", _ifname, ""),
+        server_interface=t.req("server_interface", _ifname, ""),
+        batch=t.get("batch", _int(1, 4096), _default(d, "batch")),
+        route_table=t.get("route_table", _route_table, _default(d, "route_table")),
+        rule_priority=t.get("rule_priority", _rule_priority, _default(d, "rule_priority")),
+    )
+    if dp.tun and dp.tun in {dp.client_interface, dp.server_interface}:
+        t.errors.add(t.at("tun"), f"{json.dumps(dp.tun)} is also a client or server interface")
+    t.finish()
+    return dp
+
+
+def _sessions(t: _Table) -> SessionsConfig:
+    d = SessionsConfig()
+    positive = _duration(positive=True)
+    sessions = SessionsConfig(
+        max_sessions=t.get("max_sessions", _int(1), d.max_sessions),
+        tcp_syn_timeout=t.get("tcp_syn_timeout", positive, d.tcp_syn_timeout),
+        tcp_established_timeout=t.get(
+            "tcp_established_timeout", positive, d.tcp_established_timeout
+        ),
+        tcp_fin_timeout=t.get("tcp_fin_timeout", positive, d.tcp_fin_timeout),
+        tcp_time_wait_timeout=t.get("tcp_time_wait_timeout", positive, d.tcp_time_wait_timeout),
+        tcp_close_timeout=t.get("tcp_close_timeout", positive, d.tcp_close_timeout),
+        udp_timeout=t.get("udp_timeout", positive, d.udp_timeout),
+        expiry_tick=t.get("expiry_tick", positive, d.expiry_tick),
+    )
+    t.finish()
+    return sessions
+
+
+def _metrics(t: _Table) -> MetricsConfig:
+    raw = t.peek("listen")
+    if raw == "":
+        t.get("listen", _string(nonempty=False), "")  # mark the key as read
+        metrics = MetricsConfig(listen=None)
+    else:
+        metrics = MetricsConfig(listen=t.get("listen", _endpoint(), MetricsConfig().listen))
+    t.finish()
+    return metrics
+
+
+def _virtual_servers(root: _Table, pool_names: Collection[str]) -> tuple[VirtualServerConfig, ...]:
+    d = VirtualServerConfig
+    result: list[VirtualServerConfig] = []
+    seen: dict[tuple[str, int, str], str] = {}
+    for name, t in root.tables("virtual_servers"):
+        vs = VirtualServerConfig(
+            name=name,
+            address=t.req("address", _ipv4(unicast=True), ""),
+            port=t.req("port", _PORT, 0),
+            protocol=t.get("protocol", _choice(_PROTOCOLS), _default(d, "protocol")),
+            pool=t.req("pool", _name, ""),
+            scheduler=t.get("scheduler", _choice(_SCHEDULERS), _default(d, "scheduler")),
+            persistence=t.get("persistence", _choice(_PERSISTENCES), _default(d, "persistence")),
+            persistence_timeout=t.get(
+                "persistence_timeout", _duration(positive=True), _default(d, "persistence_timeout")
+            ),
+            persistence_netmask=t.get(
+                "persistence_netmask", _int(0, 32), _default(d, "persistence_netmask")
+            ),
+        )
+        if vs.pool and vs.pool not in pool_names:
+            t.errors.add(t.at("pool"), f"no pool named '{vs.pool}'{_hint(vs.pool, pool_names)}")
+        if vs.address and vs.port:
+            key = (vs.address, vs.port, vs.protocol)
+            if key in seen:
+                t.errors.add(
+                    t.path,
+                    f"same address, port and protocol ({vs.address}:{vs.port}/{vs.protocol}) "
+                    f"as virtual_servers.{seen[key]}",
+                )
+            else:
+                seen[key] = _key(name)
+        t.finish()
+        result.append(vs)
+    return tuple(result)
+
+
+def _pools(root: _Table) -> list[PoolConfig]:
+    d = PoolConfig
+    result: list[PoolConfig] = []
+    for name, t in root.tables("pools"):
+        servers: list[ServerConfig] = []
+        seen: dict[tuple[str, int], int] = {}
+        for index, path, item in t.array("servers", required=True, nonempty=True):
+            st = _Table.of(t.errors, item, path)
+            if st is None:
+                continue
+            server = _server(st)
+            if server.address and server.port:
+                key = (server.address, server.port)
+                if key in seen:
+                    t.errors.add(path, f"duplicate server {server} (same as servers[{seen[key]}])")
+                else:
+                    seen[key] = index
+            servers.append(server)
+        hc_t = t.table("health_check")
+        result.append(
+            PoolConfig(
+                name=name,
+                servers=tuple(servers),
+                health_check=_health_check(hc_t) if hc_t else None,
+                on_server_down=t.get(
+                    "on_server_down", _choice(_ON_SERVER_DOWN), _default(d, "on_server_down")
+                ),
+                slow_start=t.get("slow_start", _duration(), _default(d, "slow_start")),
+            )
+        )
+        t.finish()
+    return result
+
+
+def _server(t: _Table) -> ServerConfig:
+    d = ServerConfig
+    server = ServerConfig(
+        address=t.req("address", _ipv4(unicast=True), ""),
+        port=t.req("port", _PORT, 0),
+        weight=t.get("weight", _int(0), _default(d, "weight")),
+        backup=t.get("backup", _bool, _default(d, "backup")),
+        max_conns=t.get("max_conns", _int(0), _default(d, "max_conns")),
+    )
+    t.finish()
+    return server
+
+
+# Which health-check types each type-specific key belongs to.
+_CHECK_KEYS: Final[Mapping[str, tuple[CheckType, ...]]] = {
+    "path": ("http", "https"),
+    "expect_status": ("http", "https"),
+    "expect_body": ("http", "https"),
+    "host": ("http", "https"),
+    "verify": ("https",),
+    "payload": ("udp",),
+    "expect": ("udp",),
+    "command": ("script",),
+}
+
+
+def _health_check(t: _Table) -> HealthCheckConfig:
+    d = HealthCheckConfig
+    placeholder: CheckType = "tcp"
+    kind = t.req("type", _choice(_CHECK_TYPES), placeholder)
+    known_type = t.peek("type") in _CHECK_TYPES  # else type-specific keys cannot be judged
+    for key, kinds in _CHECK_KEYS.items():
+        t.allow(key)
+        if known_type and key in t and kind not in kinds:
+            t.errors.add(
+                t.at(key), f"only valid for type {' or '.join(kinds)}, not {json.dumps(kind)}"
+            )
+    applies = {key for key, kinds in _CHECK_KEYS.items() if known_type and kind in kinds}
+
+    ok: tuple[int, ...] = (200,)
+
+    def get(key: str, conv: _Conv[_T], default: _T) -> _T | None:
+        return t.get(key, conv, default) if key in applies else None
+
+    def opt(key: str, conv: _Conv[_T]) -> _T | None:
+        return t.opt(key, conv) if key in applies else None
+
+    for key in ("command", "expect"):
+        if key in applies and key not in t:
+            t.errors.add(t.at(key), "required key missing")
+    check = HealthCheckConfig(
+        type=kind,
+        interval=t.get("interval", _duration(positive=True), _default(d, "interval")),
+        timeout=t.get("timeout", _duration(positive=True), _default(d, "timeout")),
+        rise=t.get("rise", _int(1), _default(d, "rise")),
+        fall=t.get("fall", _int(1), _default(d, "fall")),
+        port=t.opt("port", _PORT),
+        source=t.opt("source", _ipv4(unicast=True)),
+        path=get("path", _url_path, "/"),
+        expect_status=get("expect_status", _statuses, ok),
+        expect_body=opt("expect_body", _string(nonempty=False)),
+        host=opt("host", _string()),
+        verify=get("verify", _bool, False),
+        payload=get("payload", _string(nonempty=False), ""),
+        expect=opt("expect", _string(nonempty=False)),
+        command=opt("command", _argv),
+    )
+    t.finish()
+    return check
+
+
+def _vrrp(
+    t: _Table | None, pool_names: Collection[str]
+) -> tuple[tuple[VrrpInstanceConfig, ...], tuple[VrrpGroupConfig, ...]]:
+    if t is None:
+        return (), ()
+    instances: list[VrrpInstanceConfig] = []
+    vrids: dict[tuple[str, int], str] = {}
+    holders: dict[str, str] = {}
+    for name, it in t.tables("instances"):
+        inst = _instance(name, it, pool_names, holders)
+        if inst.interface and inst.vrid:
+            other = vrids.setdefault((inst.interface, inst.vrid), name)
+            if other != name:
+                it.errors.add(
+                    it.at("vrid"),
+                    f"vrid {inst.vrid} on {inst.interface} is already used by instance '{other}'",
+                )
+        instances.append(inst)
+
+    instance_names = [inst.name for inst in instances]
+    groups: list[VrrpGroupConfig] = []
+    member_of: dict[str, str] = {}
+    for name, gt in t.tables("groups"):
+        members: list[str] = []
+        for _, path, item in gt.array("instances", required=True, nonempty=True):
+            member = _name(gt.errors, path, item)
+            if member is None:
+                continue
+            if member not in instance_names:
+                gt.errors.add(
+                    path,
+                    f"no VRRP instance named '{member}'{_hint(member, instance_names)}",
+                )
+            elif member in members:
+                gt.errors.add(path, f"instance '{member}' is listed twice")
+            elif member_of.setdefault(member, name) != name:
+                gt.errors.add(
+                    path,
+                    f"instance '{member}' is already in group '{member_of[member]}'",
+                )
+            members.append(member)
+        groups.append(
+            VrrpGroupConfig(
+                name=name,
+                instances=tuple(members),
+                notify=gt.opt("notify", _command),
+                notify_master=gt.opt("notify_master", _command),
+                notify_backup=gt.opt("notify_backup", _command),
+                notify_fault=gt.opt("notify_fault", _command),
+            )
+        )
+        gt.finish()
+    t.finish()
+    return tuple(instances), tuple(groups)
+
+
+def _instance(
+    name: str, t: _Table, pool_names: Collection[str], holders: dict[str, str]
+) -> VrrpInstanceConfig:
+    """One instance; ``holders`` maps each address claimed so far to its instance."""
+    d = VrrpInstanceConfig
+    addresses: list[VrrpAddress] = []
+    for _, path, item in t.array("addresses", required=True, nonempty=True):
+        vaddr = _vrrp_address(t.errors, path, item)
+        if vaddr is None:
+            continue
+        holder = holders.setdefault(vaddr.address, name)
+        if holder != name:
+            t.errors.add(path, f"{vaddr.address} is already held by instance '{holder}'")
+            continue
+        if any(a.address == vaddr.address for a in addresses):
+            t.errors.add(path, f"{vaddr.address} is listed twice")
+            continue
+        addresses.append(vaddr)
+    peers: list[str] = []
+    for _, path, item in t.array("unicast_peers"):
+        peer = _ipv4(unicast=True)(t.errors, path, item)
+        if peer is not None:
+            if peer in peers:
+                t.errors.add(path, f"{peer} is listed twice")
+            peers.append(peer)
+    track_interfaces: list[TrackInterface] = []
+    for _, path, item in t.array("track_interfaces"):
+        ti = _track(t.errors, path, item, "interface", _ifname)
+        if ti is not None:
+            track_interfaces.append(TrackInterface(*ti))
+    track_pools: list[TrackPool] = []
+    for _, path, item in t.array("track_pools"):
+        tp = _track(t.errors, path, item, "pool", _name)
+        if tp is None:
+            continue
+        if tp[0] not in pool_names:
+            where = path if isinstance(item, str) else f"{path}.pool"
+            t.errors.add(where, f"no pool named '{tp[0]}'{_hint(tp[0], pool_names)}")
+        track_pools.append(TrackPool(*tp))
+    inst = VrrpInstanceConfig(
+        name=name,
+        interface=t.req("interface", _ifname, ""),
+        vrid=t.req("vrid", _int(1, 255), 0),
+        priority=t.get("priority", _int(1, 255), _default(d, "priority")),
+        advert_interval=t.get("advert_interval", _advert_interval, _default(d, "advert_interval")),
+        preempt=t.get("preempt", _bool, _default(d, "preempt")),
+        preempt_delay=t.get("preempt_delay", _duration(), _default(d, "preempt_delay")),
+        addresses=tuple(addresses),
+        unicast_peers=tuple(peers),
+        track_interfaces=tuple(track_interfaces),
+        track_pools=tuple(track_pools),
+        garp_count=t.get("garp_count", _int(0, 100), _default(d, "garp_count")),
+        garp_interval=t.get("garp_interval", _duration(), _default(d, "garp_interval")),
+        notify=t.opt("notify", _command),
+        notify_master=t.opt("notify_master", _command),
+        notify_backup=t.opt("notify_backup", _command),
+        notify_fault=t.opt("notify_fault", _command),
+    )
+    t.finish()
+    return inst
+
+
+def _track(
+    errors: _Errors, path: str, item: object, key: str, conv: _Conv[str]
+) -> tuple[str, int] | None:
+    """A tracking entry: a bare name, or ``{KEY = name, weight = N}``."""
+    if isinstance(item, str):
+        target = conv(errors, path, item)
+        return None if target is None else (target, 0)
+    if not isinstance(item, Mapping):
+        errors.add(
+            path,
+            f"expected a name or a table {{ {key} = ..., weight = ... }}, got {_describe(item)}",
+        )
+        return None
+    t = _Table(errors, item, path)
+    target = t.req(key, conv, "")
+    weight = t.get("weight", _int(-254, 254), 0)
+    t.finish()
+    return (target, weight) if target else None
+
+
+def _sync(t: _Table) -> SyncConfig:
+    sync = SyncConfig(
+        listen=t.req("listen", _endpoint(), Endpoint("", 0)),
+        peer=t.req("peer", _endpoint(unicast=True), Endpoint("", 0)),
+        key_file=t.req("key_file", _string(), ""),
+    )
+    t.finish()
+    return sync
+
+
+# --------------------------------------------------------------------------------------------
+# Reading tables: collects errors, tracks which keys were read, reports the rest as unknown
+# --------------------------------------------------------------------------------------------
+
+_T = TypeVar("_T")
+_S = TypeVar("_S", bound=str)
+
+
+class _Errors:
+    __slots__ = ("items", "source")
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.items: list[str] = []
+
+    def add(self, path: str, problem: str) -> None:
+        self.items.append(f"{self.source}: {path}: {problem}")
+
+
+class _Missing(enum.Enum):
+    MISSING = enum.auto()
+
+
+_MISSING: Final = _Missing.MISSING
+
+# A converter checks one value and returns it typed, or reports the problem and returns None.
+_Conv: TypeAlias = Callable[[_Errors, str, object], "_T | None"]
+
+
+_BARE_KEY: Final = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _key(key: str) -> str:
+    """A key as TOML would write it in a dotted path."""
+    return key if _BARE_KEY.fullmatch(key) else json.dumps(key)
+
+
+class _Table:
+    """One TOML table under a key path."""
+
+    __slots__ = ("_data", "_known", "errors", "path")
+
+    def __init__(self, errors: _Errors, data: Mapping[str, object], path: str) -> None:
+        self.errors = errors
+        self._data = data
+        self.path = path
+        self._known: set[str] = set()
+
+    @classmethod
+    def of(cls, errors: _Errors, value: object, path: str) -> _Table | None:
+        if isinstance(value, Mapping):
+            return cls(errors, value, path)
+        errors.add(path, f"expected a table, got {_describe(value)}")
+        return None
+
+    def at(self, key: str) -> str:
+        return f"{self.path}.{_key(key)}" if self.path else _key(key)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._data
+
+    def allow(self, key: str) -> None:
+        """Count ``key`` as known without reading it."""
+        self._known.add(key)
+
+    def peek(self, key: str) -> object:
+        return self._data.get(key, _MISSING)
+
+    def _raw(self, key: str, required: bool, missing: str = "required key missing") -> object:
+        self._known.add(key)
+        if key in self._data:
+            return self._data[key]
+        if required:
+            self.errors.add(self.at(key), missing)
+        return _MISSING
+
+    def req(self, key: str, conv: _Conv[_T], placeholder: _T) -> _T:
+        """A required key; the placeholder stands in when it is missing or wrong."""
+        raw = self._raw(key, required=True)
+        value = None if raw is _MISSING else conv(self.errors, self.at(key), raw)
+        return placeholder if value is None else value
+
+    def get(self, key: str, conv: _Conv[_T], default: _T) -> _T:
+        raw = self._raw(key, required=False)
+        value = None if raw is _MISSING else conv(self.errors, self.at(key), raw)
+        return default if value is None else value
+
+    def opt(self, key: str, conv: _Conv[_T]) -> _T | None:
+        raw = self._raw(key, required=False)
+        return None if raw is _MISSING else conv(self.errors, self.at(key), raw)
+
+    def table(self, key: str, *, required: bool = False) -> _Table | None:
+        raw = self._raw(key, required=required, missing="required section missing")
+        if raw is _MISSING:
+            return None
+        return _Table.of(self.errors, raw, self.at(key))
+
+    def tables(self, key: str) -> Iterator[tuple[str, _Table]]:
+        """The named tables under ``key`` (``[key.NAME]``), in file order."""
+        outer = self.table(key)
+        if outer is None:
+            return
+        for name, value in outer._data.items():
+            outer.allow(name)
+            path = outer.at(name)
+            if _name(self.errors, path, name) is None:
+                continue
+            inner = _Table.of(self.errors, value, path)
+            if inner is not None:
+                yield name, inner
+
+    def array(
+        self, key: str, *, required: bool = False, nonempty: bool = False
+    ) -> Iterator[tuple[int, str, object]]:
+        """(index, path, item) for each item of an array."""
+        raw = self._raw(key, required=required)
+        if raw is _MISSING:
+            return
+        if not isinstance(raw, list):
+            self.errors.add(self.at(key), f"expected an array, got {_describe(raw)}")
+            return
+        if nonempty and not raw:
+            self.errors.add(self.at(key), "must not be empty")
+        for index, item in enumerate(raw):
+            yield index, f"{self.at(key)}[{index}]", item
+
+    def finish(self) -> None:
+        """Report every key that nothing read."""
+        for key in self._data:
+            if key not in self._known:
+                self.errors.add(self.at(key), f"unknown key '{key}'{_hint(key, self._known)}")
+
+
+def _hint(word: str, options: Collection[str]) -> str:
+    close = difflib.get_close_matches(word, sorted(options), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, bool):
+        return f"boolean {str(value).lower()}"
+    if isinstance(value, int):
+        return f"integer {value}"
+    if isinstance(value, float):
+        return f"float {value}"
+    if isinstance(value, str):
+        return f"string {json.dumps(value)}"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, Mapping):
+        return "a table"
+    return type(value).__name__
+
+
+# --------------------------------------------------------------------------------------------
+# Converters
+# --------------------------------------------------------------------------------------------
+
+_PROTOCOLS: Final[tuple[Protocol, ...]] = get_args(Protocol)
+_SCHEDULERS: Final[tuple[Scheduler, ...]] = get_args(Scheduler)
+_PERSISTENCES: Final[tuple[Persistence, ...]] = get_args(Persistence)
+_ON_SERVER_DOWN: Final[tuple[OnServerDown, ...]] = get_args(OnServerDown)
+_CHECK_TYPES: Final[tuple[CheckType, ...]] = get_args(CheckType)
+
+
+def _string(*, nonempty: bool = True) -> _Conv[str]:
+    def conv(errors: _Errors, path: str, value: object) -> str | None:
+        if not isinstance(value, str):
+            errors.add(path, f"expected a string, got {_describe(value)}")
+            return None
+        if nonempty and not value.strip():
+            errors.add(path, "must not be empty")
+            return None
+        return value
+
+    return conv
+
+
+def _int(lo: int, hi: int | None = None) -> _Conv[int]:
+    def conv(errors: _Errors, path: str, value: object) -> int | None:
+        if isinstance(value, bool) or not isinstance(value, int):
+            errors.add(path, f"expected an integer, got {_describe(value)}")
+            return None
+        if hi is None and value < lo:
+            errors.add(path, f"must be >= {lo}, got {value}")
+            return None
+        if hi is not None and not lo <= value <= hi:
+            errors.add(path, f"must be between {lo} and {hi}, got {value}")
+            return None
+        return value
+
+    return conv
+
+
+_PORT: Final = _int(1, 65535)
+
+
+def _bool(errors: _Errors, path: str, value: object) -> bool | None:
+    if isinstance(value, bool):
+        return value
+    errors.add(path, f"expected a boolean (true or false), got {_describe(value)}")
+    return None
+
+
+def _choice(choices: tuple[_S, ...]) -> _Conv[_S]:
+    def conv(errors: _Errors, path: str, value: object) -> _S | None:
+        if not isinstance(value, str):
+            errors.add(path, f"expected a string, got {_describe(value)}")
+            return None
+        for choice in choices:
+            if value == choice:
+                return choice
+        errors.add(
+            path,
+            f"must be one of {', '.join(choices)}, got {json.dumps(value)}{_hint(value, choices)}",
+        )
+        return None
+
+    return conv
+
+
+def _name(errors: _Errors, path: str, value: object) -> str | None:
+    """A name of a pool, virtual server, instance or group: it appears on lbctl command lines
+    and in metric labels, so it is non-empty and has no whitespace or control characters."""
+    if not isinstance(value, str):
+        errors.add(path, f"expected a name (string), got {_describe(value)}")
+        return None
+    if not value or any(c.isspace() or not c.isprintable() for c in value):
+        errors.add(path, f"invalid name {json.dumps(value)}: must be non-empty, without spaces")
+        return None
+    return value
+
+
+def _duration(*, positive: bool = False) -> _Conv[float]:
+    def conv(errors: _Errors, path: str, value: object) -> float | None:
+        if not isinstance(value, str):
+            errors.add(
+                path,
+                f'expected a duration string with a unit such as "2s" or "100ms", '
+                f"got {_describe(value)}",
+            )
+            return None
+        try:
+            seconds = parse_duration(value)
+        except ValueError as exc:
+            errors.add(path, str(exc))
+            return None
+        if positive and seconds <= 0:
+            errors.add(path, f"must be greater than 0, got {json.dumps(value)}")
+            return None
+        return seconds
+
+    return conv
+
+
+def _advert_interval(errors: _Errors, path: str, value: object) -> float | None:
+    """RFC 5798 carries the interval as 12 bits of centiseconds: 10ms..40.95s in 10ms steps."""
+    seconds = _duration()(errors, path, value)
+    if seconds is None:
+        return None
+    centis = round(seconds * 100)
+    if abs(seconds * 100 - centis) > 1e-6 or not 1 <= centis <= 4095:
+        errors.add(
+            path,
+            f"must be a multiple of 10ms between 10ms and 40.95s, got {json.dumps(value)}",
+        )
+        return None
+    return seconds
+
+
+def _is_dotted_quad(text: str) -> bool:
+    parts = text.split(".")
+    return len(parts) == 4 and all(
+        part.isascii()
+        and part.isdigit()
+        and len(part) <= 3
+        and (part == "0" or not part.startswith("0"))
+        and int(part) <= 255
+        for part in parts
+    )
+
+
+def _ipv4(*, unicast: bool = False) -> _Conv[str]:
+    """A dotted quad; ``unicast`` also refuses 0/8, 127/8, multicast and 240/4 (which no host,
+    VIP or peer can be), while a listen address may be 0.0.0.0 or loopback."""
+
+    def conv(errors: _Errors, path: str, value: object) -> str | None:
+        if not isinstance(value, str):
+            errors.add(path, f"expected an IPv4 address (string), got {_describe(value)}")
+            return None
+        if not _is_dotted_quad(value):
+            errors.add(path, f"not an IPv4 address (A.B.C.D): {json.dumps(value)}")
+            return None
+        first = int(value.split(".", 1)[0])
+        if unicast and (first in {0, 127} or first >= 224):
+            errors.add(path, f"not a unicast host address: {value}")
+            return None
+        return value
+
+    return conv
+
+
+def _endpoint(*, unicast: bool = False) -> _Conv[Endpoint]:
+    address = _ipv4(unicast=unicast)
+
+    def conv(errors: _Errors, path: str, value: object) -> Endpoint | None:
+        if not isinstance(value, str):
+            errors.add(path, f'expected "ADDR:PORT" (string), got {_describe(value)}')
+            return None
+        host, sep, port = value.rpartition(":")
+        if not sep or not port.isascii() or not port.isdigit():
+            errors.add(path, f'expected "ADDR:PORT", got {json.dumps(value)}')
+            return None
+        checked = address(errors, path, host)
+        number = _PORT(errors, path, int(port))
+        if checked is None or number is None:
+            return None
+        return Endpoint(checked, number)
+
+    return conv
+
+
+def _vrrp_address(errors: _Errors, path: str, value: object) -> VrrpAddress | None:
+    if not isinstance(value, str):
+        errors.add(path, f'expected "A.B.C.D" or "A.B.C.D/LEN", got {_describe(value)}')
+        return None
+    address, sep, length = value.partition("/")
+    checked = _ipv4(unicast=True)(errors, path, address)
+    if checked is None:
+        return None
+    if not sep:
+        return VrrpAddress(checked)
+    if not (length.isascii() and length.isdigit() and 1 <= int(length) <= 32):
+        errors.add(path, f"prefix length must be 1..32, got {json.dumps(value)}")
+        return None
+    return VrrpAddress(checked, int(length))
+
+
+def _ifname(errors: _Errors, path: str, value: object) -> str | None:
+    """A Linux interface name: 1..15 bytes, no '/', ':' or whitespace, not '.' or '..'."""
+    if not isinstance(value, str):
+        errors.add(path, f"expected an interface name (string), got {_describe(value)}")
+        return None
+    if (
+        not 1 <= len(value.encode()) <= 15
+        or value in {".", ".."}
+        or any(c in "/:" or c.isspace() or not c.isprintable() for c in value)
+    ):
+        errors.add(path, f"not a valid interface name: {json.dumps(value)}")
+        return None
+    return value
+
+
+def _abs_path(errors: _Errors, path: str, value: object) -> str | None:
+    text = _string()(errors, path, value)
+    if text is not None and not text.startswith("/"):
+        errors.add(path, f"must be an absolute path, got {json.dumps(text)}")
+        return None
+    return text
+
+
+def _route_table(errors: _Errors, path: str, value: object) -> int | None:
+    table = _int(1, 2**31 - 1)(errors, path, value)
+    if table in {253, 254, 255}:
+        errors.add(path, f"{table} is a kernel table (253 default, 254 main, 255 local)")
+        return None
+    return table
+
+
+def _rule_priority(errors: _Errors, path: str, value: object) -> int | None:
+    """lbd's rules must sort before the main table's rule (32766) to be consulted at all."""
+    last = 32766 - RULE_PRIORITY_SPAN
+    priority = _int(1)(errors, path, value)
+    if priority is not None and priority > last:
+        errors.add(
+            path,
+            f"must be <= {last}: lbd uses {RULE_PRIORITY_SPAN} priorities from here, all before "
+            f"the main table's rule at 32766; got {priority}",
+        )
+        return None
+    return priority
+
+
+def _url_path(errors: _Errors, path: str, value: object) -> str | None:
+    text = _string()(errors, path, value)
+    if text is not None and not text.startswith("/"):
+        errors.add(path, f'must start with "/", got {json.dumps(text)}')
+        return None
+    return text
+
+
+def _statuses(errors: _Errors, path: str, value: object) -> tuple[int, ...] | None:
+    """``expect_status``: one status code or a non-empty array of them."""
+    status = _int(100, 599)
+    if not isinstance(value, list):
+        one = status(errors, path, value)
+        return None if one is None else (one,)
+    if not value:
+        errors.add(path, "must not be empty")
+        return None
+    codes = [status(errors, f"{path}[{i}]", item) for i, item in enumerate(value)]
+    valid = [code for code in codes if code is not None]
+    return tuple(valid) if len(valid) == len(codes) else None
+
+
+def _split(errors: _Errors, path: str, value: object) -> list[str] | None:
+    text = _string()(errors, path, value)
+    if text is None:
+        return None
+    try:
+        return shlex.split(text)
+    except ValueError as exc:
+        errors.add(path, f"cannot split into arguments: {exc}")
+        return None
+
+
+def _command(errors: _Errors, path: str, value: object) -> str | None:
+    """A notify command, kept as written (keepalived runs it through a shell-like split)."""
+    return value if isinstance(value, str) and _split(errors, path, value) is not None else None
+
+
+def _argv(errors: _Errors, path: str, value: object) -> tuple[str, ...] | None:
+    """A script check's command: an absolute executable path, then its arguments."""
+    argv = _split(errors, path, value)
+    if argv is None:
+        return None
+    if not argv[0].startswith("/"):
+        errors.add(path, f"must start with an absolute executable path, got {json.dumps(argv[0])}")
+        return None
+    return tuple(argv)
