@@ -1,0 +1,607 @@
+"""Session table of the NAT data plane: flows, their TCP state, and their expiry.
+
+Keys. A flow is indexed twice, each time by "the packet as it arrives at the LB", packed into
+one int so that the data plane builds it from raw header fields with a few shifts::
+
+    flow_key(proto, saddr, sport, daddr, dport)
+        = proto << 96 | saddr << 64 | daddr << 32 | sport << 16 | dport
+
+    bits  103..96  95 ........ 64  63 ........ 32  31 .... 16  15 ..... 0
+          proto    source addr     dest addr       src port    dst port
+
+    forward key = flow_key(proto, caddr, cport, vaddr, vport)   client -> VIP
+    reverse key = flow_key(proto, raddr, rport, caddr, cport)   server -> client
+
+TCP state follows IPVS (``ip_vs_proto_tcp.c``) for a NAT director: what the client sends is
+the INPUT direction, what the server sends the OUTPUT direction. The segment's event is the
+first of RST, SYN, FIN, ACK that its flags carry (IPVS's ``tcp_state_idx``); a segment with
+none of them moves the session to CLOSE, as in IPVS. :data:`TRANSITIONS` is the whole table.
+Deviations from IPVS, all because this director only sees flows opened by clients: no
+SYN_SENT/LISTEN/SYNACK states (a SYN from the server leaves the state alone, where IPVS would
+go to SYN_SENT from a closing state); the initial state comes from the first packet (SYN:
+SYN_RECV; anything else is a flow picked up mid-stream, e.g. after a failover, and is taken
+as ESTABLISHED before the packet's own event applies); LAST_ACK, unreachable in IPVS's table
+too, only arrives through :meth:`SessionTable.install`.
+
+Expiry is a hashed timing wheel keyed by absolute slot ``floor(t / tick)``, with lazy
+re-filing. A packet only writes ``last_seen``; a state change that shortens the deadline files
+the session again, earlier; a sweep that meets a session whose deadline moved files it at the
+new one. So every session is filed in a slot no later than its deadline's, and a sweep at
+``now`` that finishes removes every session whose deadline is ``<= now``: with a sweep every
+tick, removal happens in ``[deadline, deadline + tick)``. Each session is touched O(1) times per
+timeout period. A removed session stays referenced from its wheel slot until that slot is
+swept (at most its deadline), so memory follows the connection rate times the timeouts.
+
+Pure: time is always the ``now`` argument; no I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Final, Generic, Protocol, TypeVar
+
+from lb.persistence import Binding
+from lb.servers import RealServer
+
+__all__ = [
+    "IPPROTO_TCP",
+    "IPPROTO_UDP",
+    "TCP_ACK",
+    "TCP_FIN",
+    "TCP_PSH",
+    "TCP_RST",
+    "TCP_SYN",
+    "TRANSITIONS",
+    "Session",
+    "SessionObserver",
+    "SessionTable",
+    "SessionTimeouts",
+    "TcpState",
+    "flow_key",
+]
+
+S = TypeVar("S")
+
+IPPROTO_TCP: Final = 6
+IPPROTO_UDP: Final = 17
+
+TCP_FIN: Final = 0x01
+TCP_SYN: Final = 0x02
+TCP_RST: Final = 0x04
+TCP_PSH: Final = 0x08
+TCP_ACK: Final = 0x10
+_EVENT_BITS: Final = TCP_FIN | TCP_SYN | TCP_RST | TCP_ACK  # 0x17: what the table reads
+
+_U32: Final = 0xFFFFFFFF
+_U16: Final = 0xFFFF
+_DEAD: Final = -1  # wheel slot of a removed session
+
+
+def flow_key(proto: int, saddr: int, sport: int, daddr: int, dport: int) -> int:
+    """The table key of a packet as it arrives at the LB (layout in the module docstring)."""
+    return (proto << 96) | (saddr << 64) | (daddr << 32) | (sport << 16) | dport
+
+
+# The same key in two allocations instead of nine (create() is per new flow). The layout is
+# also the IPv4 header's: with a 20-byte header, ``int.from_bytes(pkt[12:24], "big")`` is
+# saddr, daddr, sport, dport, and ``proto << 96`` completes the key.
+_pack_key: Final = struct.Struct("!BIIHH").pack
+_from_bytes: Final = int.from_bytes
+
+
+class TcpState(enum.IntEnum):
+    """Session states, IPVS's names. NONE is the state of every non-TCP session."""
+
+    NONE = 0
+    SYN_RECV = 1
+    ESTABLISHED = 2
+    FIN_WAIT = 3
+    CLOSE_WAIT = 4
+    TIME_WAIT = 5
+    CLOSE = 6
+    LAST_ACK = 7
+
+
+_SR = TcpState.SYN_RECV
+_ES = TcpState.ESTABLISHED
+_FW = TcpState.FIN_WAIT
+_CW = TcpState.CLOSE_WAIT
+_TW = TcpState.TIME_WAIT
+_CL = TcpState.CLOSE
+_LA = TcpState.LAST_ACK
+
+#: Next state by (direction, event), one entry per current state in the column order below.
+#: "input" = client -> server, "output" = server -> client. Event = first of rst/syn/fin/ack
+#: in the segment's flags, "none" when it has none of them.
+TRANSITIONS: Final[dict[tuple[str, str], tuple[TcpState, ...]]] = {
+    #                  from:  SR   ES   FW   CW   TW   CL   LA
+    ("input", "syn"): (_SR, _ES, _SR, _SR, _SR, _SR, _SR),
+    ("input", "fin"): (_TW, _CW, _TW, _CW, _TW, _CL, _LA),
+    ("input", "ack"): (_ES, _ES, _FW, _CW, _TW, _CL, _CL),
+    ("input", "rst"): (_SR, _CL, _CL, _CL, _CL, _CL, _LA),
+    ("input", "none"): (_CL, _CL, _CL, _CL, _CL, _CL, _CL),
+    ("output", "syn"): (_SR, _ES, _FW, _CW, _TW, _CL, _LA),  # IPVS: SYN_SENT when closing
+    ("output", "fin"): (_TW, _FW, _FW, _TW, _TW, _CL, _LA),
+    ("output", "ack"): (_ES, _ES, _FW, _CW, _TW, _CL, _LA),
+    ("output", "rst"): (_CL, _CL, _CL, _CL, _TW, _CL, _CL),
+    ("output", "none"): (_CL, _CL, _CL, _CL, _CL, _CL, _CL),
+}
+_COLUMNS: Final = (_SR, _ES, _FW, _CW, _TW, _CL, _LA)
+
+#: States in which a new SYN on the same 5-tuple replaces the session (IPVS conn_reuse_mode).
+REUSABLE_STATES: Final = frozenset({_FW, _CW, _TW, _CL, _LA})
+
+
+def _event(flags: int) -> str:
+    if flags & TCP_RST:
+        return "rst"
+    if flags & TCP_SYN:
+        return "syn"
+    if flags & TCP_FIN:
+        return "fin"
+    if flags & TCP_ACK:
+        return "ack"
+    return "none"
+
+
+def _compile(direction: str) -> tuple[int, ...]:
+    """The table flattened for the hot path: index ``state << 5 | flags & 0x17``."""
+    out = [0] * (len(TcpState) << 5)
+    for state in TcpState:
+        for flags in range(32):
+            if state is TcpState.NONE:
+                nxt = int(TcpState.NONE)  # not TCP: no state machine
+            else:
+                row = TRANSITIONS[(direction, _event(flags))]
+                nxt = int(row[_COLUMNS.index(state)])
+            out[(state << 5) | flags] = nxt
+    return tuple(out)
+
+
+_NEXT_INPUT: Final = _compile("input")
+_NEXT_OUTPUT: Final = _compile("output")
+_REUSABLE: Final = tuple(st in REUSABLE_STATES for st in TcpState)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionTimeouts:
+    """Idle timeouts in seconds, by state (IPVS's defaults where it has one)."""
+
+    tcp_syn: float = 60.0
+    tcp_established: float = 900.0
+    tcp_fin: float = 120.0  # FIN_WAIT, CLOSE_WAIT, LAST_ACK
+    tcp_time_wait: float = 120.0
+    tcp_close: float = 10.0
+    udp: float = 300.0  # and every other non-TCP protocol
+
+    def __post_init__(self) -> None:
+        for name in self.__slots__:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"timeout {name} must be positive")
+
+    def timeout(self, state: int) -> float:
+        """The idle timeout of a session in ``state``."""
+        if state == TcpState.NONE:
+            return self.udp
+        if state == TcpState.SYN_RECV:
+            return self.tcp_syn
+        if state == TcpState.ESTABLISHED:
+            return self.tcp_established
+        if state == TcpState.TIME_WAIT:
+            return self.tcp_time_wait
+        if state == TcpState.CLOSE:
+            return self.tcp_close
+        if state in (TcpState.FIN_WAIT, TcpState.CLOSE_WAIT, TcpState.LAST_ACK):
+            return self.tcp_fin
+        raise ValueError(f"unknown session state {state}")
+
+
+class Session(Generic[S]):
+    """One flow. Fields are plain attributes the data plane reads directly.
+
+    ``fkey``/``rkey``: the forward and reverse keys; ``server``: the real server;
+    ``service``: the data plane's virtual-server runtime (opaque here); ``state``: a
+    :class:`TcpState` value as a plain int; ``last_seen``: time of the last packet;
+    ``binding``: the persistence binding it holds a reference on, or None.
+    """
+
+    __slots__ = ("_slot", "binding", "fkey", "last_seen", "rkey", "server", "service", "state")
+
+    def __init__(
+        self,
+        fkey: int,
+        rkey: int,
+        server: RealServer,
+        service: S,
+        state: int,
+        last_seen: float,
+        binding: Binding[S] | None,
+    ) -> None:
+        self.fkey = fkey
+        self.rkey = rkey
+        self.server = server
+        self.service = service
+        self.state = state
+        self.last_seen = last_seen
+        self.binding = binding
+        self._slot = _DEAD  # timing-wheel slot; _DEAD once removed
+
+    # Derived from the keys: for APIs and tests, not the hot path.
+    @property
+    def proto(self) -> int:
+        return self.fkey >> 96
+
+    @property
+    def caddr(self) -> int:
+        return (self.fkey >> 64) & _U32
+
+    @property
+    def cport(self) -> int:
+        return (self.fkey >> 16) & _U16
+
+    @property
+    def vaddr(self) -> int:
+        return (self.fkey >> 32) & _U32
+
+    @property
+    def vport(self) -> int:
+        return self.fkey & _U16
+
+    @property
+    def raddr(self) -> int:
+        return (self.rkey >> 64) & _U32
+
+    @property
+    def rport(self) -> int:
+        return (self.rkey >> 16) & _U16
+
+    @property
+    def tcp_state(self) -> TcpState:
+        return TcpState(self.state)
+
+    @property
+    def in_table(self) -> bool:
+        """False once the session was removed from its table."""
+        return self._slot != _DEAD
+
+    def __repr__(self) -> str:
+        return (
+            f"Session(proto={self.proto}, client={self.caddr:#010x}:{self.cport}, "
+            f"virtual={self.vaddr:#010x}:{self.vport}, server={self.server.key}, "
+            f"state={self.tcp_state.name}, last_seen={self.last_seen})"
+        )
+
+
+class SessionObserver(Protocol[S]):
+    """Sees every mutation of a :class:`SessionTable`, once each (feeds the peer-sync stream).
+
+    A per-packet refresh of ``last_seen`` is not an event.
+    """
+
+    def session_added(self, s: Session[S]) -> None: ...
+
+    def session_changed(self, s: Session[S]) -> None:
+        """The TCP state (or, through install, the server/service/binding) changed."""
+
+    def session_removed(self, s: Session[S], reason: str) -> None: ...
+
+
+class SessionTable(Generic[S]):
+    """All sessions, indexed by forward and reverse key, expired by a timing wheel.
+
+    ``lookup(fkey)`` and ``lookup_reply(rkey)`` are the two dicts' bound ``get`` methods: no
+    Python frame on the hot path. Counters are plain ints: ``created_total``,
+    ``installed_total`` (from the peer), ``expired_total``, ``removed_total`` (every removal,
+    expiry included), ``full_drops`` (flows refused because ``max_sessions`` were in the table),
+    ``conflict_drops`` (flows refused because another session already owns their reverse key:
+    the same client ip:port reaching the same real server through two virtual servers).
+    """
+
+    lookup: Callable[[int], Session[S] | None]
+    lookup_reply: Callable[[int], Session[S] | None]
+
+    def __init__(
+        self,
+        timeouts: SessionTimeouts,
+        max_sessions: int,
+        tick: float = 0.1,
+        observer: SessionObserver[S] | None = None,
+    ) -> None:
+        if tick <= 0:
+            raise ValueError("tick must be positive")
+        self.timeouts = timeouts
+        self.max_sessions = max_sessions
+        self.tick = tick
+        self.observer = observer
+        self._fwd: dict[int, Session[S]] = {}
+        self._rev: dict[int, Session[S]] = {}
+        self.lookup = self._fwd.get
+        self.lookup_reply = self._rev.get
+        self._timeout_of: tuple[float, ...] = tuple(timeouts.timeout(st) for st in TcpState)
+        self._inv_tick = 1.0 / tick
+        self._wheel: dict[int, list[Session[S]]] = {}
+        self._cursor = 0  # first wheel slot not yet fully swept
+        self.created_total = 0
+        self.installed_total = 0
+        self.expired_total = 0
+        self.removed_total = 0
+        self.full_drops = 0
+        self.conflict_drops = 0
+
+    # --- queries -------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._fwd)
+
+    def __iter__(self) -> Iterator[Session[S]]:
+        """The sessions (do not mutate the table while iterating)."""
+        return iter(self._fwd.values())
+
+    def sessions_for_server(self, server: RealServer) -> list[Session[S]]:
+        """The sessions pointing at ``server`` (a full scan: for the rare on-server-down)."""
+        return [s for s in self._fwd.values() if s.server is server]
+
+    def deadline(self, s: Session[S]) -> float:
+        """When ``s`` expires unless a packet refreshes it."""
+        return s.last_seen + self._timeout_of[s.state]
+
+    def is_reusable(self, s: Session[S]) -> bool:
+        """Is ``s`` closing, so that a new SYN on its 5-tuple should replace it?"""
+        return _REUSABLE[s.state]
+
+    # --- per packet ----------------------------------------------------------------------
+
+    def seen_forward(self, s: Session[S], tcp_flags: int, now: float) -> None:
+        """A packet from the client (``tcp_flags`` = 0 for non-TCP)."""
+        s.last_seen = now
+        state = s.state
+        if state == 2:  # ESTABLISHED: a plain ACK (PSH, ECE, ...) is the common case
+            if tcp_flags & 0x17 == 0x10:
+                return
+        elif state == 0:  # not TCP
+            return
+        new = _NEXT_INPUT[(state << 5) | (tcp_flags & 0x17)]
+        if new != state:
+            self._set_state(s, new, now)
+
+    def seen_reply(self, s: Session[S], tcp_flags: int, now: float) -> None:
+        """A packet from the real server (``tcp_flags`` = 0 for non-TCP)."""
+        s.last_seen = now
+        state = s.state
+        if state == 2:  # ESTABLISHED: a plain ACK (PSH, ECE, ...) is the common case
+            if tcp_flags & 0x17 == 0x10:
+                return
+        elif state == 0:  # not TCP
+            return
+        new = _NEXT_OUTPUT[(state << 5) | (tcp_flags & 0x17)]
+        if new != state:
+            self._set_state(s, new, now)
+
+    # --- mutations -----------------------------------------------------------------------
+
+    def create(
+        self,
+        proto: int,
+        caddr: int,
+        cport: int,
+        vaddr: int,
+        vport: int,
+        server: RealServer,
+        service: S,
+        tcp_flags: int,
+        now: float,
+        binding: Binding[S] | None = None,
+    ) -> Session[S] | None:
+        """A new flow from its first (client) packet; None when refused (table full, or
+        reverse key taken). The caller has checked that ``lookup`` finds no session.
+
+        Takes a reference on ``binding`` (released by :meth:`remove`).
+        """
+        if len(self._fwd) >= self.max_sessions:
+            self.full_drops += 1
+            return None
+        fkey = _from_bytes(_pack_key(proto, caddr, vaddr, cport, vport), "big")
+        rkey = _from_bytes(_pack_key(proto, server.addr, caddr, server.port, cport), "big")
+        if rkey in self._rev:
+            self.conflict_drops += 1
+            return None
+        if fkey in self._fwd:
+            raise ValueError("create() of a flow that already has a session")
+        if proto != IPPROTO_TCP:
+            state = 0
+        elif tcp_flags & TCP_SYN:
+            state = 1
+        else:  # picked up mid-stream: established, then this packet's own event
+            state = _NEXT_INPUT[(2 << 5) | (tcp_flags & 0x17)]
+        s: Session[S] = Session(fkey, rkey, server, service, state, now, binding)
+        self._fwd[fkey] = s
+        self._rev[rkey] = s
+        server.active += 1
+        server.created_total += 1
+        if binding is not None:
+            binding.attach(now)
+        self.created_total += 1
+        self._file(s, now + self._timeout_of[state])
+        if self.observer is not None:
+            self.observer.session_added(s)
+        return s
+
+    def install(
+        self,
+        proto: int,
+        caddr: int,
+        cport: int,
+        vaddr: int,
+        vport: int,
+        server: RealServer,
+        service: S,
+        state: int,
+        last_seen: float,
+        now: float,
+        binding: Binding[S] | None = None,
+    ) -> Session[S] | None:
+        """Create or update a session received from the peer; None when refused.
+
+        ``last_seen`` is in this node's clock (the sync layer converts ages); an older value
+        than the local one is ignored. Counts against ``max_sessions``; not against
+        ``created_total`` or the server's ``created_total`` (the peer created it). Fires
+        ``session_added``, or ``session_changed`` when anything but ``last_seen`` changed.
+        """
+        if proto != IPPROTO_TCP:
+            state = 0
+        elif not 0 < state < len(TcpState):
+            raise ValueError(f"not a TCP session state: {state}")
+        state = int(state)
+        fkey = _from_bytes(_pack_key(proto, caddr, vaddr, cport, vport), "big")
+        rkey = _from_bytes(_pack_key(proto, server.addr, caddr, server.port, cport), "big")
+        s = self._fwd.get(fkey)
+        other = self._rev.get(rkey)
+        if other is not None and other is not s:
+            self.conflict_drops += 1
+            return None
+        if s is None:
+            if len(self._fwd) >= self.max_sessions:
+                self.full_drops += 1
+                return None
+            s = Session(fkey, rkey, server, service, state, last_seen, binding)
+            self._fwd[fkey] = s
+            self._rev[rkey] = s
+            server.active += 1
+            if binding is not None:
+                binding.attach(last_seen)
+            self.installed_total += 1
+            self._file(s, last_seen + self._timeout_of[state])
+            if self.observer is not None:
+                self.observer.session_added(s)
+            return s
+        changed = False
+        if server is not s.server:
+            del self._rev[s.rkey]
+            s.server.active -= 1
+            s.server = server
+            s.rkey = rkey
+            self._rev[rkey] = s
+            server.active += 1
+            changed = True
+        if service is not s.service:
+            s.service = service
+            changed = True
+        if binding is not s.binding:
+            if s.binding is not None:
+                s.binding.release(now)
+            if binding is not None:
+                binding.attach(last_seen)
+            s.binding = binding
+            changed = True
+        s.last_seen = max(s.last_seen, last_seen)
+        if state != s.state:
+            s.state = state
+            changed = True
+            self._file(s, s.last_seen + self._timeout_of[state], earlier_only=True)
+        if changed and self.observer is not None:
+            self.observer.session_changed(s)
+        return s
+
+    def remove(self, s: Session[S], reason: str, now: float) -> None:
+        """Remove ``s`` (reason e.g. "reused", "reset", "peer"); idempotent."""
+        if s._slot == _DEAD:
+            return
+        s._slot = _DEAD
+        del self._fwd[s.fkey]
+        del self._rev[s.rkey]
+        s.server.active -= 1
+        if s.binding is not None:
+            s.binding.release(now)
+        self.removed_total += 1
+        if self.observer is not None:
+            self.observer.session_removed(s, reason)
+
+    def expire(self, now: float, budget: int = 1000) -> int:
+        """Remove the sessions whose deadline is ``<= now`` (reason "expired").
+
+        Touches at most ``budget`` sessions; the next call resumes where this one stopped.
+        Called every ``tick``, it removes each session within a tick after its deadline, and
+        never before. Returns how many it removed.
+        """
+        inv = self._inv_tick
+        last = int(now * inv)
+        wheel = self._wheel
+        cursor = self._cursor
+        if last < cursor:
+            return 0
+        timeout_of = self._timeout_of
+        slots: range | list[int]
+        if last - cursor > len(wheel):  # a long gap: visit only the slots that hold something
+            slots = sorted(k for k in wheel if cursor <= k <= last)
+        else:
+            slots = range(cursor, last + 1)
+        touched = 0
+        expired = 0
+        for slot in slots:
+            bucket = wheel.pop(slot, None)
+            if bucket is None:
+                continue
+            keep: list[Session[S]] = []
+            i = 0
+            n = len(bucket)
+            while i < n and touched < budget:
+                s = bucket[i]
+                i += 1
+                touched += 1
+                if s._slot != slot:  # removed, or filed again elsewhere
+                    continue
+                due = s.last_seen + timeout_of[s.state]
+                if due <= now:
+                    self.remove(s, "expired", now)
+                    expired += 1
+                    continue
+                k = int(due * inv)
+                if k == slot:  # only in the current slot: not due yet within it
+                    keep.append(s)
+                else:
+                    s._slot = k
+                    other = wheel.get(k)
+                    if other is None:
+                        wheel[k] = [s]
+                    else:
+                        other.append(s)
+            if i < n:
+                keep[0:0] = bucket[i:]
+            if keep:
+                existing = wheel.get(slot)
+                if existing is None:
+                    wheel[slot] = keep
+                else:
+                    existing.extend(keep)
+            if i < n:  # budget spent inside this slot
+                self._cursor = slot
+                self.expired_total += expired
+                return expired
+        self._cursor = last
+        self.expired_total += expired
+        return expired
+
+    # --- internals -----------------------------------------------------------------------
+
+    def _set_state(self, s: Session[S], new: int, now: float) -> None:
+        if s._slot == _DEAD:  # a stale reference to a removed session: nothing to track
+            return
+        s.state = new
+        self._file(s, now + self._timeout_of[new], earlier_only=True)
+        if self.observer is not None:
+            self.observer.session_changed(s)
+
+    def _file(self, s: Session[S], due: float, earlier_only: bool = False) -> None:
+        k = int(due * self._inv_tick)
+        k = max(k, self._cursor)
+        if earlier_only and k >= s._slot:
+            return
+        s._slot = k
+        bucket = self._wheel.get(k)
+        if bucket is None:
+            self._wheel[k] = [s]
+        else:
+            bucket.append(s)
