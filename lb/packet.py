@@ -276,7 +276,7 @@ def _l4_check_update(buf: WriteBuffer, check_at: int, udp: bool, delta: int, par
         _U16.pack_into(buf, check_at, 0xFFFF - (((check ^ 0xFFFF) + delta) % 0xFFFF or 0xFFFF))
 
 
-def rewrite_dst(  # noqa: PLR0917 - per-packet call, one argument per field
+def rewrite_dst(
     buf: WriteBuffer,
     off: int,
     l4_off: int,
@@ -316,7 +316,7 @@ def rewrite_dst(  # noqa: PLR0917 - per-packet call, one argument per field
         _l4_check_update(buf, check_at, proto == PROTO_UDP, delta, partial)
 
 
-def rewrite_src(  # noqa: PLR0917 - per-packet call, one argument per field
+def rewrite_src(
     buf: WriteBuffer,
     off: int,
     l4_off: int,
@@ -421,7 +421,7 @@ def parse_icmp_error(buf: ReadBuffer, off: int, l4_off: int, end: int) -> IcmpEr
     return proto, saddr, daddr, sport, dport, ip_off, inner_l4
 
 
-def _translate_icmp_error(  # noqa: PLR0917 - per-packet call, one argument per field
+def _translate_icmp_error(
     buf: WriteBuffer,
     off: int,
     end: int,
@@ -472,7 +472,7 @@ def _translate_icmp_error(  # noqa: PLR0917 - per-packet call, one argument per 
     _U16.pack_into(buf, icmp_off + _ICMP_CHECK, checksum(buf, icmp_off, end))
 
 
-def translate_icmp_error_from_server(  # noqa: PLR0917 - per-packet call, one argument per field
+def translate_icmp_error_from_server(
     buf: WriteBuffer,
     off: int,
     end: int,
@@ -497,7 +497,7 @@ def translate_icmp_error_from_server(  # noqa: PLR0917 - per-packet call, one ar
     )  # fmt: skip
 
 
-def translate_icmp_error_from_client(  # noqa: PLR0917 - per-packet call, one argument per field
+def translate_icmp_error_from_client(
     buf: WriteBuffer,
     off: int,
     end: int,

@@ -1,0 +1,31 @@
+# lbd — see README.md. Everything runs from ./.venv, which `make install` creates.
+PY      := .venv/bin/python
+PYTEST  := .venv/bin/pytest
+
+.DEFAULT_GOAL := help
+.PHONY: help install test unit netns lab bench lint
+
+help:  ## show this help
+	@awk 'BEGIN{FS=":.*## "} /^[a-z]+:.*## /{printf "  make %-8s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+install:  ## install system packages (apt-get) and the venv with lbd and its test tools (root)
+	./scripts/setup.sh
+
+test: install lint  ## lint, unit tests and namespace tests (root): what CI runs
+	$(PYTEST) -q tests
+
+unit:  ## unit tests of the pure cores only (no root needed)
+	$(PYTEST) -q tests/unit
+
+netns:  ## namespace tests only (root)
+	$(PYTEST) -q tests/netns
+
+lab: install  ## the namespace lab: clients, lbd, real servers; shows what lbd does (root)
+	$(PY) -m lab
+
+bench: install  ## benchmarks in namespaces: ratios against the kernel and HAProxy (root)
+	$(PY) -m bench
+
+lint:  ## ruff and mypy --strict
+	.venv/bin/ruff check lb ha lab tests bench
+	.venv/bin/mypy

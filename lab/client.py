@@ -1,0 +1,120 @@
+"""A lab client: runs inside a client namespace and prints one JSON document.
+
+    python -m lab.client get URL [--count N] [--timeout S]     → {"answers": ["s1", ...]}
+    python -m lab.client udp HOST PORT [--count N]            → {"answers": ["s1:ping0", ...]}
+    python -m lab.client download URL                          → {"bytes": N, "sha256": HEX}
+    python -m lab.client hold HOST PORT --count N              → holds N connections open
+        prints {"held": N} once they are established, then waits until stdin closes or it is
+        killed; writes "ping\\n" on every held connection when it reads a line "send", and
+        prints {"results": [...]} with what each connection saw (data / reset / closed).
+
+Every request has a timeout; failures are reported per request, never hang.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import socket
+import sys
+import time
+import urllib.error
+import urllib.request
+
+
+def http_get(url: str, timeout: float) -> str:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return str(resp.read().decode().strip())
+    except urllib.error.HTTPError as exc:
+        return f"http {exc.code}"
+    except (OSError, ValueError) as exc:
+        return f"error: {exc.__class__.__name__}: {exc}"
+
+
+def cmd_get(args: argparse.Namespace) -> dict[str, object]:
+    answers = [http_get(args.url, args.timeout) for _ in range(args.count)]
+    return {"answers": answers}
+
+
+def cmd_udp(args: argparse.Namespace) -> dict[str, object]:
+    answers = []
+    for i in range(args.count):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(args.timeout)
+            s.connect((args.host, args.port))
+            s.send(f"ping{i}".encode())
+            try:
+                data, peer = s.recvfrom(65535)
+                answers.append({"reply": data.decode(), "from": f"{peer[0]}:{peer[1]}"})
+            except OSError as exc:
+                answers.append({"error": exc.__class__.__name__})
+    return {"answers": answers}
+
+
+def cmd_download(args: argparse.Namespace) -> dict[str, object]:
+    h = hashlib.sha256()
+    n = 0
+    with urllib.request.urlopen(args.url, timeout=args.timeout) as resp:
+        while chunk := resp.read(1 << 20):
+            h.update(chunk)
+            n += len(chunk)
+    return {"bytes": n, "sha256": h.hexdigest()}
+
+
+def cmd_hold(args: argparse.Namespace) -> dict[str, object]:
+    conns = []
+    for _ in range(args.count):
+        s = socket.create_connection((args.host, args.port), timeout=args.timeout)
+        conns.append(s)
+    print(json.dumps({"held": len(conns),
+                      "ports": [c.getsockname()[1] for c in conns]}), flush=True)
+    results: list[str] = []
+    for line in sys.stdin:
+        if line.strip() != "send":
+            continue
+        results = []
+        for c in conns:
+            try:
+                c.sendall(b"GET / HTTP/1.0\r\n\r\n")
+                data = c.recv(4096)
+                results.append("data" if data else "closed")
+            except ConnectionResetError:
+                results.append("reset")
+            except OSError as exc:
+                results.append(f"error: {exc.__class__.__name__}")
+        print(json.dumps({"results": results}), flush=True)
+    for c in conns:
+        c.close()
+    return {"results": results}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    g = sub.add_parser("get")
+    g.add_argument("url")
+    g.add_argument("--count", type=int, default=1)
+    u = sub.add_parser("udp")
+    u.add_argument("host")
+    u.add_argument("port", type=int)
+    u.add_argument("--count", type=int, default=1)
+    d = sub.add_parser("download")
+    d.add_argument("url")
+    h = sub.add_parser("hold")
+    h.add_argument("host")
+    h.add_argument("port", type=int)
+    h.add_argument("--count", type=int, default=1)
+    for p in (g, u, d, h):
+        p.add_argument("--timeout", type=float, default=5.0)
+    args = ap.parse_args()
+    started = time.monotonic()
+    fn = {"get": cmd_get, "udp": cmd_udp, "download": cmd_download, "hold": cmd_hold}[args.cmd]
+    result = fn(args)
+    result["seconds"] = round(time.monotonic() - started, 3)
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,253 @@
+"""The NAT forwarding decision for one packet (pure: bytes and ``now`` in, verdict out).
+
+The TUN shell reads a packet (virtio-net header + IPv4) into a reusable buffer and calls
+:meth:`Forwarder.handle`; the verdict says what to write back:
+
+- ``FORWARD`` — the buffer was rewritten in place (client→server: dst VIP:vport → RIP:rport;
+  server→client: src RIP:rport → VIP:vport, or an ICMP echo reply / translated ICMP error);
+  write ``buf[:end]`` back into the TUN and the kernel routes it on.
+- ``SEND`` — write ``forwarder.out[:forwarder.out_len]`` instead (a TCP RST we generated).
+- ``DROP`` — nothing to write; the reason has been counted.
+
+Direction is told by the destination: a packet addressed to a VIP comes from a client (only
+VIP routes lead into the TUN from the client side), anything else was steered in by the reply
+rules and comes from a real server.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Protocol
+
+from lb.packet import (
+    ACK,
+    PROTO_ICMP,
+    PROTO_TCP,
+    RST,
+    SYN,
+    VNET_HDR_LEN,
+    build_rst,
+    icmp_echo_reply,
+    parse,
+    parse_icmp_error,
+    rewrite_dst,
+    rewrite_src,
+    translate_icmp_error_from_client,
+    translate_icmp_error_from_server,
+)
+from lb.persistence import Binding, PersistenceTable
+from lb.servers import RealServer
+from lb.services import Service, ServiceSet
+from lb.sessions import Session, SessionTable
+
+DROP, FORWARD, SEND = 0, 1, 2
+
+ICMP_ECHO_REQUEST = 8
+ICMP_ERROR_TYPES = frozenset((3, 11, 12))
+
+_ZERO_VNET = bytes(VNET_HDR_LEN)
+_U16 = struct.Struct("!H")
+
+
+class SessionEvents(Protocol):
+    def session_added(self, s: Session[Service]) -> None: ...
+    def session_changed(self, s: Session[Service]) -> None: ...
+    def session_removed(self, s: Session[Service], reason: str) -> None: ...
+
+
+class ServiceCounts:
+    """Session observer that keeps each virtual server's active-session count, and passes
+    every event on to ``downstream`` (the sync stream) when there is one."""
+
+    def __init__(self, downstream: SessionEvents | None = None) -> None:
+        self.downstream = downstream
+
+    def session_added(self, s: Session[Service]) -> None:
+        svc = s.service
+        svc.active += 1
+        svc.created_total += 1
+        if self.downstream is not None:
+            self.downstream.session_added(s)
+
+    def session_changed(self, s: Session[Service]) -> None:
+        if self.downstream is not None:
+            self.downstream.session_changed(s)
+
+    def session_removed(self, s: Session[Service], reason: str) -> None:
+        svc = s.service
+        svc.active -= 1
+        if self.downstream is not None:
+            self.downstream.session_removed(s, reason)
+
+
+class Forwarder:
+    """Holds the tables and the service map; counts everything as plain integers."""
+
+    def __init__(self, services: ServiceSet, sessions: SessionTable[Service],
+                 persistence: PersistenceTable[Service]) -> None:
+        self.sessions = sessions
+        self.persistence = persistence
+        self.set_services(services)
+        self.out = bytearray(VNET_HDR_LEN + 128)
+        self.out_len = 0
+        # counters (read by the metrics collector at scrape time)
+        self.packets_in = 0  # client → server, forwarded
+        self.bytes_in = 0
+        self.packets_out = 0  # server → client, forwarded
+        self.bytes_out = 0
+        self.icmp_replies = 0
+        self.resets_sent = 0
+        self.errors = 0
+        self.drops: dict[str, int] = {}
+
+    def set_services(self, services: ServiceSet) -> None:
+        self.services = services
+        self._by_key = services.by_key
+        self._vips = services.vips
+
+    # ---- entry point ------------------------------------------------------------------------
+    def handle(self, buf: bytearray, end: int, now: float) -> int:
+        off = VNET_HDR_LEN
+        r = parse(buf, off, end)
+        if type(r) is not tuple:
+            return self.drop(r.name.lower())  # type: ignore[union-attr]
+        proto, saddr, daddr, sport, dport, l4, flags = r
+        partial = buf[0] & 1
+        if daddr in self._vips:
+            if proto == PROTO_ICMP:
+                return self._icmp_from_client(buf, off, l4, end, sport)
+            key = (proto << 96) | (saddr << 64) | (daddr << 32) | (sport << 16) | dport
+            s = self.sessions.lookup(key)
+            if s is not None and flags & SYN and not flags & ACK and \
+                    self.sessions.is_reusable(s):
+                self.sessions.remove(s, "reused", now)
+                s = None
+            if s is None:
+                s = self._new_session(buf, off, end, proto, saddr, sport, daddr, dport, flags,
+                                      now)
+                if s is None:
+                    return SEND if self.out_len else DROP
+            else:
+                self.sessions.seen_forward(s, flags, now)
+            srv = s.server
+            rewrite_dst(buf, off, l4, proto, srv.addr, srv.port, partial)
+            self.packets_in += 1
+            self.bytes_in += end - off
+            return FORWARD
+        if proto == PROTO_ICMP:
+            return self._icmp_from_server(buf, off, l4, end, sport)
+        s = self.sessions.lookup_reply(
+            (proto << 96) | (saddr << 64) | (daddr << 32) | (sport << 16) | dport)
+        if s is None:
+            return self.drop("no_session")
+        self.sessions.seen_reply(s, flags, now)
+        svc = s.service
+        rewrite_src(buf, off, l4, proto, svc.vaddr, svc.vport, partial)
+        self.packets_out += 1
+        self.bytes_out += end - off
+        return FORWARD
+
+    def drop(self, reason: str) -> int:
+        self.drops[reason] = self.drops.get(reason, 0) + 1
+        self.out_len = 0
+        return DROP
+
+    # ---- new flows --------------------------------------------------------------------------
+    def _new_session(self, buf: bytearray, off: int, end: int, proto: int, saddr: int,
+                     sport: int, daddr: int, dport: int, flags: int,
+                     now: float) -> Session[Service] | None:
+        svc = self._by_key.get((proto << 48) | (daddr << 16) | dport)
+        if svc is None:
+            self._refuse(buf, off, end, proto, flags, "no_service")
+            return None
+        if proto == PROTO_TCP and flags & (SYN | ACK | RST) != SYN:
+            # Only a SYN opens a TCP session; anything else mid-stream (a session that
+            # expired, or was reset because its server went down) is answered with RST.
+            self._refuse(buf, off, end, proto, flags, "no_session")
+            return None
+        server, binding = self._schedule(svc, saddr, sport, now)
+        if server is None:
+            self._refuse(buf, off, end, proto, flags, "no_server")
+            return None
+        s = self.sessions.create(proto, saddr, sport, daddr, dport, server, svc, flags, now,
+                                 binding)
+        if s is None:
+            self.drop("table_full")
+            return None
+        return s
+
+    def _schedule(self, svc: Service, caddr: int, cport: int,
+                  now: float) -> tuple[RealServer | None, Binding[Service] | None]:
+        if not svc.persistence:
+            return svc.scheduler.pick(caddr, cport), None
+        net = caddr & svc.persistence_mask
+        b = self.persistence.lookup(svc, net, now)
+        if b is not None:
+            bound = b.server
+            if bound.accepts_bound() and svc.pool.holds(bound) and \
+                    not (bound.backup and svc.pool.has_primary):
+                return bound, b
+            server = svc.scheduler.pick(caddr, cport)
+            if server is None:
+                return None, None
+            self.persistence.rebind(b, server, now)
+            return server, b
+        server = svc.scheduler.pick(caddr, cport)
+        if server is None:
+            return None, None
+        return server, self.persistence.bind(svc, net, server, svc.persistence_timeout, now)
+
+    def _refuse(self, buf: bytearray, off: int, end: int, proto: int, flags: int,
+                reason: str) -> None:
+        """Count the drop; a TCP segment (other than a RST) is answered with a RST."""
+        self.drop(reason)
+        if proto == PROTO_TCP and not flags & RST:
+            n = build_rst(buf, off, end, self.out, VNET_HDR_LEN)
+            if n:
+                self.out[:VNET_HDR_LEN] = _ZERO_VNET
+                self.out_len = VNET_HDR_LEN + n
+                self.resets_sent += 1
+
+    # ---- ICMP -------------------------------------------------------------------------------
+    def _icmp_from_client(self, buf: bytearray, off: int, l4: int, end: int,
+                          icmp_type: int) -> int:
+        if icmp_type == ICMP_ECHO_REQUEST:
+            if icmp_echo_reply(buf, off, end):
+                self.icmp_replies += 1
+                return FORWARD
+            return self.drop("icmp_bad")
+        if icmp_type not in ICMP_ERROR_TYPES:
+            return self.drop("icmp_unsupported")
+        inner = parse_icmp_error(buf, off, l4, end)
+        if type(inner) is not tuple:
+            return self.drop("icmp_bad")
+        iproto, isrc, idst, isport, idport, iip, il4 = inner
+        # The client complains about a reply we sent it: VIP:vport → client:cport.
+        s = self.sessions.lookup((iproto << 96) | (idst << 64) | (isrc << 32)
+                                 | (idport << 16) | isport)
+        if s is None:
+            return self.drop("icmp_no_session")
+        srv = s.server
+        translate_icmp_error_from_client(buf, off, end, iip, il4, iproto, srv.addr, srv.port)
+        self.packets_in += 1
+        self.bytes_in += end - off
+        return FORWARD
+
+    def _icmp_from_server(self, buf: bytearray, off: int, l4: int, end: int,
+                          icmp_type: int) -> int:
+        if icmp_type not in ICMP_ERROR_TYPES:
+            return self.drop("icmp_unsupported")
+        inner = parse_icmp_error(buf, off, l4, end)
+        if type(inner) is not tuple:
+            return self.drop("icmp_bad")
+        iproto, isrc, idst, isport, idport, iip, il4 = inner
+        # About a packet we forwarded: client:cport → RIP:rport.
+        s = self.sessions.lookup_reply((iproto << 96) | (idst << 64) | (isrc << 32)
+                                       | (idport << 16) | isport)
+        if s is None:
+            return self.drop("icmp_no_session")
+        svc = s.service
+        translate_icmp_error_from_server(buf, off, end, iip, il4, iproto, svc.vaddr, svc.vport)
+        self.packets_out += 1
+        self.bytes_out += end - off
+        return FORWARD

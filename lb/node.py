@@ -1,0 +1,373 @@
+"""The composition root: build the data plane, checks, control and metrics from a config.
+
+This is the one place where pure cores meet I/O. Everything it builds is handed what it needs
+(injected), nothing reaches back into the node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+
+from lb.addr import endpoint, int_to_ip, ip_to_int
+from lb.config import Config, ConfigError, load_config
+from lb.control import CommandError, ControlServer
+from lb.dataplane import DataPlane
+from lb.forwarder import Forwarder, ServiceCounts
+from lb.health.monitor import HealthMonitor, PoolChecks
+from lb.health.probes import ProbeResult
+from lb.health.state import Transition
+from lb.kernel import Kernel, gratuitous_arp
+from lb.metrics import MetricsServer, SourceCollector, dataplane_metrics
+from lb.persistence import PersistenceTable
+from lb.servers import AdminState, RealServer
+from lb.services import Service, ServiceSet, build_services
+from lb.sessions import SessionTable, SessionTimeouts, TcpState
+from lb.tun import open_tun
+
+log = logging.getLogger("lbd")
+
+PROTO_NAMES = {6: "tcp", 17: "udp"}
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+def session_timeouts(config: Config) -> SessionTimeouts:
+    s = config.sessions
+    return SessionTimeouts(tcp_syn=s.tcp_syn_timeout, tcp_established=s.tcp_established_timeout,
+                           tcp_fin=s.tcp_fin_timeout, tcp_time_wait=s.tcp_time_wait_timeout,
+                           tcp_close=s.tcp_close_timeout, udp=s.udp_timeout)
+
+
+class CheckStats:
+    """Check durations (histogram) and transitions, fed by the health monitor's hooks."""
+
+    def __init__(self) -> None:
+        self.buckets = [0] * (len(DURATION_BUCKETS) + 1)
+        self.count = 0
+        self.total = 0.0
+        self.transitions: dict[tuple[str, str, str], int] = {}
+
+    def observe(self, server: RealServer, result: ProbeResult) -> None:
+        self.count += 1
+        self.total += result.duration
+        for i, bound in enumerate(DURATION_BUCKETS):
+            if result.duration <= bound:
+                self.buckets[i] += 1
+                break
+        else:
+            self.buckets[-1] += 1
+
+    def metrics(self, monitor: Callable[[], HealthMonitor | None]) -> list[Metric]:
+        cum, acc = [], 0
+        for bound, n in zip((*DURATION_BUCKETS, float("inf")), self.buckets, strict=True):
+            acc += n
+            cum.append((str(bound) if bound != float("inf") else "+Inf", acc))
+        hist = HistogramMetricFamily("lbd_health_check_duration_seconds",
+                                     "Duration of health check probes")
+        hist.add_metric([], cum, self.total)
+        checks = CounterMetricFamily("lbd_health_checks", "Health check probes run",
+                                     labels=["pool", "server", "result"])
+        failures = CounterMetricFamily("lbd_health_check_failures",
+                                       "Failed health check probes by reason",
+                                       labels=["pool", "server", "reason"])
+        mon = monitor()
+        if mon is not None:
+            for labels, n in sorted(mon.checks_total.items()):
+                checks.add_metric(list(labels), n)
+            for labels, n in sorted(mon.failures_total.items()):
+                failures.add_metric(list(labels), n)
+        trans = CounterMetricFamily("lbd_server_transitions",
+                                    "Real server health transitions",
+                                    labels=["pool", "server", "to"])
+        for labels, n in sorted(self.transitions.items()):
+            trans.add_metric(list(labels), n)
+        return [hist, checks, failures, trans]
+
+
+class Node:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.started = time.time()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.kernel: Kernel | None = None
+        self.tun_fd = -1
+        self.tun_index = 0
+        self.services: ServiceSet = build_services(config)
+        self.counts = ServiceCounts()
+        self.sessions: SessionTable[Service] = SessionTable(
+            session_timeouts(config), config.sessions.max_sessions,
+            tick=config.sessions.expiry_tick, observer=self.counts)
+        self.persistence: PersistenceTable[Service] = PersistenceTable()
+        self.forwarder = Forwarder(self.services, self.sessions, self.persistence)
+        self.dataplane: DataPlane | None = None
+        self.monitor: HealthMonitor | None = None
+        self.check_stats = CheckStats()
+        self.control: ControlServer | None = None
+        self.metrics_server: MetricsServer | None = None
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.collector = SourceCollector()
+        self.registry.register(self.collector)
+        self.held_vips: set[str] = set()
+        self._expiry: asyncio.TimerHandle | None = None
+        self._stopping = asyncio.Event()
+        self.reloads = 0
+        self.reload_failures = 0
+
+    # ---- life cycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        cfg = self.config
+        self.loop = asyncio.get_running_loop()
+        dp = cfg.dataplane
+        self.kernel = await Kernel.open(route_table=dp.route_table,
+                                        rule_priority=dp.rule_priority)
+        for ifname in (dp.client_interface, dp.server_interface):
+            if await self.kernel.ifindex(ifname) is None:
+                raise RuntimeError(f"{cfg.source}: dataplane: interface {ifname!r} not found")
+        removed = await self.kernel.remove_leftovers()
+        if removed:
+            log.info("removed %d leftover kernel entries of an earlier lbd", removed)
+        self.tun_fd = open_tun(dp.tun)
+        self.tun_index = await self.kernel.set_link_up(dp.tun)
+        await self.kernel.prepare(tun=dp.tun, client_if=dp.client_interface,
+                                  server_if=dp.server_interface)
+        await self.kernel.install_reply_path(self.tun_index, dp.server_interface,
+                                             self._server_addresses())
+        self.dataplane = DataPlane(self.tun_fd, self.forwarder, batch=dp.batch)
+        self.dataplane.start(self.loop)
+        self._schedule_expiry()
+        self._start_health()
+        self.collector.sources.append(dataplane_metrics(self.forwarder, lambda: self.services,
+                                                        self._extra_counters))
+        self.collector.sources.append(lambda: self.check_stats.metrics(lambda: self.monitor))
+        self.control = ControlServer(cfg.node.control_socket, self.control_handlers())
+        await self.control.start()
+        if cfg.metrics.listen is not None:
+            self.metrics_server = MetricsServer(cfg.metrics.listen.host, cfg.metrics.listen.port,
+                                                self.registry)
+            await self.metrics_server.start()
+        if cfg.standalone:
+            await self.hold_vips({int_to_ip(v) for v in self.services.vips})
+        log.info("lbd node %s started: %d virtual servers, %d pools", cfg.node.name,
+                 len(self.services.services), len(self.services.pools))
+
+    async def stop(self) -> None:
+        log.info("stopping")
+        if self._expiry is not None:
+            self._expiry.cancel()
+        if self.monitor is not None:
+            await self.monitor.stop()
+        if self.dataplane is not None:
+            self.dataplane.stop()
+        if self.kernel is not None:
+            await self.hold_vips(set())
+            await self.kernel.remove_leftovers()
+        if self.control is not None:
+            await self.control.stop()
+        if self.metrics_server is not None:
+            await self.metrics_server.stop()
+        if self.tun_fd >= 0:
+            os.close(self.tun_fd)
+            self.tun_fd = -1
+        if self.kernel is not None:
+            await self.kernel.close()
+
+    # ---- addresses --------------------------------------------------------------------------
+    async def hold_vips(self, vips: set[str]) -> None:
+        """Make the set of VIPs this node attracts exactly ``vips``."""
+        assert self.kernel is not None
+        client_if = self.config.dataplane.client_interface
+        for vip in sorted(self.held_vips - vips):
+            await self.kernel.release_vip(vip, client_if)
+            self.held_vips.discard(vip)
+        for vip in sorted(vips - self.held_vips):
+            await self.kernel.claim_vip(vip, self.tun_index, client_if)
+            self.held_vips.add(vip)
+            self._garp(client_if, vip, 3, 0.05)
+
+    def _garp(self, ifname: str, address: str, count: int, interval: float) -> None:
+        """Announce ``address`` with gratuitous ARPs, ``count`` times ``interval`` apart."""
+        assert self.loop is not None
+        for i in range(count):
+            self.loop.call_later(i * interval, self._send_garp, ifname, address)
+
+    @staticmethod
+    def _send_garp(ifname: str, address: str) -> None:
+        try:
+            gratuitous_arp(ifname, address)
+        except OSError as exc:
+            log.warning("gratuitous ARP for %s on %s failed: %s", address, ifname, exc)
+
+    def _server_addresses(self) -> set[str]:
+        return {int_to_ip(s.addr) for s in self.services.servers()}
+
+    # ---- periodic work ----------------------------------------------------------------------
+    def _schedule_expiry(self) -> None:
+        assert self.loop is not None
+        self._expiry = self.loop.call_later(self.config.sessions.expiry_tick, self._expire)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        self.sessions.expire(now)
+        self.persistence.expire(now)
+        self._schedule_expiry()
+
+    # ---- health -----------------------------------------------------------------------------
+    def _start_health(self) -> None:
+        pools = {name: PoolChecks(self.config.pools[name].health_check,
+                                  self.config.pools[name].slow_start, pool.servers)
+                 for name, pool in self.services.pools.items()}
+        self.monitor = HealthMonitor(pools, self._on_transition,
+                                     on_result=self.check_stats.observe)
+        self.monitor.start()
+
+    def _on_transition(self, server: RealServer, t: Transition) -> None:
+        state = "UP" if t.up else "DOWN"
+        log.warning("server %s of pool %s is %s: %s", server.key, server.pool, state, t.reason)
+        key = (server.pool, server.key, state)
+        self.check_stats.transitions[key] = self.check_stats.transitions.get(key, 0) + 1
+        pool = self.services.pools.get(server.pool)
+        if pool is None:
+            return
+        pool.refresh()
+        if not t.up and pool.on_server_down == "reset":
+            now = time.monotonic()
+            doomed = list(self.sessions.sessions_for_server(server))
+            for s in doomed:
+                self.sessions.remove(s, "server_down", now)
+            if doomed:
+                log.info("reset %d sessions of %s", len(doomed), server.key)
+
+    # ---- reload -----------------------------------------------------------------------------
+    async def reload(self) -> list[str]:
+        """Re-read the config file; on any error keep running on the old one."""
+        try:
+            new = load_config(self.config.source)
+        except ConfigError as exc:
+            self.reload_failures += 1
+            for line in exc.errors:
+                log.error("reload refused: %s", line)
+            return exc.errors
+        fixed = ("dataplane", "node", "vrrp_instances", "vrrp_groups", "sync")
+        changed = [k for k in fixed if getattr(new, k) != getattr(self.config, k)]
+        if changed:
+            msg = f"{new.source}: {', '.join(changed)}: changes need a restart; kept the old"
+            self.reload_failures += 1
+            log.error("reload refused: %s", msg)
+            return [msg]
+        if self.monitor is not None:
+            await self.monitor.stop()
+        self.services = build_services(new, self.services)
+        self.forwarder.set_services(self.services)
+        self.config = new
+        assert self.kernel is not None
+        await self.kernel.set_reply_rules(new.dataplane.server_interface,
+                                          self._server_addresses())
+        if new.standalone:
+            await self.hold_vips({int_to_ip(v) for v in self.services.vips})
+        self._start_health()
+        self.reloads += 1
+        log.info("reloaded %s: %d virtual servers", new.source, len(self.services.services))
+        return []
+
+    # ---- control ----------------------------------------------------------------------------
+    def control_handlers(self) -> dict[str, Callable[[list[str]], Any]]:
+        return {
+            "status": lambda args: self.status(),
+            "sessions": lambda args: self.session_list(),
+            "servers": lambda args: self.server_list(),
+            "vrrp": lambda args: self.vrrp_status(),
+            "sync": lambda args: self.sync_status(),
+            "drain": lambda args: self.set_admin(args, AdminState.DRAIN),
+            "enable": lambda args: self.set_admin(args, AdminState.ENABLED),
+            "disable": lambda args: self.set_admin(args, AdminState.DISABLED),
+            "reload": self._reload_command,
+        }
+
+    async def _reload_command(self, args: list[str]) -> dict[str, Any]:
+        errors = await self.reload()
+        if errors:
+            raise CommandError("reload refused, old config kept:\n" + "\n".join(errors))
+        return {"reloaded": True, "config": self.config.source}
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "node": self.config.node.name,
+            "uptime": round(time.time() - self.started, 3),
+            "vrrp": {k: {"state": v["state"]} for k, v in self.vrrp_status().items()},
+            "sessions": len(self.sessions),
+            "persistence": len(self.persistence),
+            "sync": self.sync_status(),
+            "virtual_servers": {s.name: {"address": endpoint(s.vaddr, s.vport),
+                                         "protocol": PROTO_NAMES[s.proto],
+                                         "active_sessions": s.active,
+                                         "held": int_to_ip(s.vaddr) in self.held_vips}
+                                for s in self.services.services},
+        }
+
+    def session_list(self) -> list[dict[str, Any]]:
+        out = []
+        for s in self.sessions:
+            out.append({
+                "protocol": PROTO_NAMES.get(s.proto, str(s.proto)),
+                "client": endpoint(s.caddr, s.cport),
+                "virtual": endpoint(s.vaddr, s.vport),
+                "server": endpoint(s.raddr, s.rport),
+                "state": TcpState(s.state).name if s.proto == 6 else "UDP",
+            })
+        return out
+
+    def server_list(self) -> list[dict[str, Any]]:
+        out = []
+        for srv in self.services.servers():
+            last = self.monitor.last_result(srv) if self.monitor else None
+            if srv.admin is not AdminState.ENABLED:
+                state = srv.admin.name
+            else:
+                state = "UP" if srv.up else "DOWN"
+            out.append({"pool": srv.pool, "server": srv.key, "up": srv.up, "state": state,
+                        "admin": srv.admin.value, "weight": srv.weight,
+                        "effective_weight": srv.effective_weight, "backup": srv.backup,
+                        "active_sessions": srv.active, "sessions_created": srv.created_total,
+                        "reason": last.reason if last else ""})
+        return out
+
+    def vrrp_status(self) -> dict[str, dict[str, Any]]:
+        return {}
+
+    def sync_status(self) -> dict[str, Any]:
+        return {"connected": False, "configured": self.config.sync is not None}
+
+    def set_admin(self, args: list[str], state: AdminState) -> dict[str, Any]:
+        if len(args) != 2:
+            raise CommandError("usage: POOL ADDR:PORT")
+        pool_name, target = args
+        pool = self.services.pools.get(pool_name)
+        if pool is None:
+            raise CommandError(f"no pool {pool_name!r}")
+        host, _, port = target.rpartition(":")
+        try:
+            server = pool.find(ip_to_int(host), int(port))
+        except ValueError:
+            server = None
+        if server is None:
+            raise CommandError(f"pool {pool_name!r} has no server {target!r}")
+        server.admin = state
+        pool.refresh()
+        log.info("server %s of pool %s set %s by operator", target, pool_name, state.value)
+        return {"pool": pool_name, "server": target, "admin": state.value}
+
+    def _extra_counters(self) -> dict[str, int]:
+        dp = self.dataplane
+        return {
+            "lbd_dataplane_wakeups_total": dp.wakeups if dp else 0,
+            "lbd_dataplane_write_errors_total": dp.tx_errors if dp else 0,
+            "lbd_config_reloads_total": self.reloads,
+            "lbd_config_reload_failures_total": self.reload_failures,
+        }

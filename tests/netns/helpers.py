@@ -1,0 +1,31 @@
+"""Small helpers shared by namespace tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.netns.harness import LabEnv
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(env: LabEnv, host: str = "lba", port: int = 9641) -> Samples:
+    """Scrape lbd's /metrics from inside ``host``: {(sample name, sorted labels): value}."""
+    r: Any = env.client(host, "get", f"http://127.0.0.1:{port}/metrics")
+    text = r["answers"][0]
+    out: Samples = {}
+    for fam in text_string_to_metric_families(text + "\n"):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def metric(samples: Samples, name: str,
+           **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def drops(samples: Samples) -> dict[str, float]:
+    return {dict(lbl)["reason"]: v for (n, lbl), v in samples.items() if n == "lbd_drops_total"}
