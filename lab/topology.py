@@ -62,6 +62,8 @@ def wait_until(
             value = predicate()
             if value:
                 return value
+        except AssertionError:
+            raise  # the predicate knows the wait is hopeless (e.g. the process died)
         except Exception as exc:
             last_exc = exc
         if time.monotonic() >= deadline:

@@ -8,26 +8,29 @@ All of it is tagged so that a restarted lbd can remove what a killed one left be
   (NDA_PROTOCOL / IFA_PROTO).
 
 This module is part of the I/O shell: it holds no policy, only "install X" / "remove X".
-It talks to the kernel through pyroute2's asyncio ``AsyncIPRoute``.
+It talks to the kernel through pyroute2.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import socket
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from pyroute2 import AsyncIPRoute
+from pyroute2 import IPRoute
 from pyroute2.netlink import NLM_F_DUMP, NLM_F_REQUEST
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import RTM_GETNEIGH
 from pyroute2.netlink.rtnl.ndmsg import ndmsg
 
 log = logging.getLogger("lbd.kernel")
+T = TypeVar("T")
 
 RTPROT_LBD = 241  # unassigned in /etc/iproute2/rt_protos
 RULE_RANGE = 64
@@ -43,33 +46,51 @@ def write_sysctl(key: str, value: str) -> None:
 
 
 class Kernel:
-    """Netlink adapter of one lbd process. Create with :meth:`open`, then ``close``."""
+    """Netlink adapter of one lbd process. Create with :meth:`open`, then ``close``.
 
-    def __init__(self, ipr: Any, *, route_table: int, rule_priority: int) -> None:
-        self._ipr = ipr
+    pyroute2's asyncio socket cannot be registered with uvloop (it refuses AF_NETLINK
+    datagram endpoints), so the adapter keeps a synchronous ``IPRoute`` on one worker thread
+    and exposes coroutines: netlink calls never block the event loop and stay in order.
+    """
+
+    def __init__(self, *, route_table: int, rule_priority: int) -> None:
         self.route_table = route_table
         self.rule_priority = rule_priority
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="lbd-netlink")
+        self._ipr: Any = None
 
     @classmethod
     async def open(cls, *, route_table: int, rule_priority: int) -> Kernel:
-        ipr = AsyncIPRoute()
-        await ipr.setup_endpoint()
-        return cls(ipr, route_table=route_table, rule_priority=rule_priority)
+        kernel = cls(route_table=route_table, rule_priority=rule_priority)
+        await kernel._call(kernel._open)
+        return kernel
+
+    def _open(self) -> None:
+        self._ipr = IPRoute()
+        # pyroute2 0.9's synchronous nlm_request reads this key, which IPRoute never sets.
+        self._ipr.status["nlm_generator"] = False
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def close(self) -> None:
-        self._ipr.close()
+        if self._ipr is not None:
+            await self._call(self._ipr.close)
+        self._executor.shutdown(wait=True)
 
     # ---- lookups --------------------------------------------------------------------------
-    async def ifindex(self, ifname: str) -> int | None:
-        found = await self._ipr.link_lookup(ifname=ifname)
+    def _ifindex(self, ifname: str) -> int | None:
+        found = self._ipr.link_lookup(ifname=ifname)
         return int(found[0]) if found else None
 
-    async def primary_address(self, ifname: str) -> str | None:
-        """The interface's first IPv4 address not installed by lbd (VRRP source address)."""
-        idx = await self.ifindex(ifname)
+    async def ifindex(self, ifname: str) -> int | None:
+        return await self._call(self._ifindex, ifname)
+
+    def _primary_address(self, ifname: str) -> str | None:
+        idx = self._ifindex(ifname)
         if idx is None:
             return None
-        async for msg in await self._ipr.addr("dump", family=socket.AF_INET, index=idx):
+        for msg in self._ipr.addr("dump", family=socket.AF_INET, index=idx):
             if msg.get("IFA_PROTO") == RTPROT_LBD:
                 continue
             addr = msg.get("address")
@@ -77,12 +98,20 @@ class Kernel:
                 return str(addr)
         return None
 
-    async def link_up(self, ifname: str) -> bool:
-        idx = await self.ifindex(ifname)
+    async def primary_address(self, ifname: str) -> str | None:
+        """The interface's first IPv4 address not installed by lbd (VRRP source address)."""
+        return await self._call(self._primary_address, ifname)
+
+    def _link_up(self, ifname: str) -> bool:
+        idx = self._ifindex(ifname)
         if idx is None:
             return False
-        links = [m async for m in await self._ipr.link("get", index=idx)]
+        links = self._ipr.link("get", index=idx)
         return bool(links) and links[0].get("operstate") in ("UP", "UNKNOWN")
+
+    async def link_up(self, ifname: str) -> bool:
+        """Does the interface exist with carrier (operstate UP)?"""
+        return await self._call(self._link_up, ifname)
 
     # ---- set-up ---------------------------------------------------------------------------
     async def prepare(self, *, tun: str, client_if: str, server_if: str) -> None:
@@ -101,54 +130,61 @@ class Kernel:
         with contextlib.suppress(OSError):
             write_sysctl(f"net.ipv6.conf.{tun}.disable_ipv6", "1")
 
-    async def set_link_up(self, ifname: str) -> int:
-        idx = await self.ifindex(ifname)
-        if idx is None:
-            raise RuntimeError(f"no such interface: {ifname}")
-        await self._ipr.link("set", index=idx, state="up")
+    def _set_link_up(self, ifname: str) -> int:
+        idx = self._index(ifname)
+        self._ipr.link("set", index=idx, state="up")
         return idx
 
-    async def remove_leftovers(self) -> int:
-        """Delete everything tagged as ours (a killed lbd's plumbing). Returns the count."""
-        removed = 0
-        for msg in [m async for m in await self._ipr.rule("dump", family=socket.AF_INET)]:
-            prio = msg.get("priority")
-            if prio is not None and self.rule_priority <= prio < self.rule_priority + RULE_RANGE:
-                with contextlib.suppress(NetlinkError):
-                    await self._ipr.rule("del", family=socket.AF_INET, priority=prio,
-                                         table=msg.get("table"))
-                    removed += 1
+    async def set_link_up(self, ifname: str) -> int:
+        return await self._call(self._set_link_up, ifname)
+
+    def _our_rules(self) -> list[Any]:
+        lo, hi = self.rule_priority, self.rule_priority + RULE_RANGE
+        return [m for m in self._ipr.rule("dump", family=socket.AF_INET)
+                if m.get("priority") is not None and lo <= m.get("priority") < hi]
+
+    def _del_rule(self, msg: Any) -> bool:
+        try:
+            self._ipr.rule("del", family=socket.AF_INET, priority=msg.get("priority"),
+                           table=msg.get("table"), src=msg.get_attr("FRA_SRC"),
+                           src_len=msg.get("src_len"), iifname=msg.get_attr("FRA_IIFNAME"))
+        except NetlinkError:
+            return False
+        return True
+
+    def _remove_leftovers(self) -> int:
+        removed = sum(self._del_rule(m) for m in self._our_rules())
         for table in (254, self.route_table):
-            routes = [m async for m in await self._ipr.route("dump", family=socket.AF_INET,
-                                                             table=table)]
-            for msg in routes:
+            for msg in self._ipr.route("dump", family=socket.AF_INET, table=table):
                 if msg.get("proto") == RTPROT_LBD:
                     with contextlib.suppress(NetlinkError):
-                        await self._ipr.route("del", table=table, dst=_dst(msg),
-                                              proto=RTPROT_LBD)
+                        self._ipr.route("del", table=table, dst=_dst(msg), proto=RTPROT_LBD)
                         removed += 1
-        for msg in [m async for m in await self._ipr.addr("dump", family=socket.AF_INET)]:
+        for msg in self._ipr.addr("dump", family=socket.AF_INET):
             if msg.get("IFA_PROTO") == RTPROT_LBD:
                 with contextlib.suppress(NetlinkError):
-                    await self._ipr.addr("del", index=msg["index"], address=msg.get("address"),
-                                         prefixlen=msg["prefixlen"])
+                    self._ipr.addr("del", index=msg["index"], address=msg.get("address"),
+                                   prefixlen=msg["prefixlen"])
                     removed += 1
-        for ifindex, dst in await self._proxy_entries():
+        for ifindex, dst in self._proxy_entries():
             with contextlib.suppress(NetlinkError):
-                await self._ipr.neigh("del", dst=dst, ifindex=ifindex, flags=NTF_PROXY)
+                self._ipr.neigh("del", dst=dst, ifindex=ifindex, flags=NTF_PROXY)
                 removed += 1
         return removed
 
-    async def _proxy_entries(self) -> list[tuple[int, str]]:
+    async def remove_leftovers(self) -> int:
+        """Delete everything tagged as ours (a killed lbd's plumbing). Returns the count."""
+        return await self._call(self._remove_leftovers)
+
+    def _proxy_entries(self) -> list[tuple[int, str]]:
         """Our proxy neighbour entries. The kernel dumps proxy entries only when the request
         carries NTF_PROXY in ndm_flags, which pyroute2's ``neigh("dump")`` does not send."""
         req = ndmsg()
         req["family"] = socket.AF_INET
         req["flags"] = NTF_PROXY
         result = []
-        async for msg in await self._ipr.nlm_request(
-            req, msg_type=RTM_GETNEIGH, msg_flags=NLM_F_REQUEST | NLM_F_DUMP
-        ):
+        for msg in self._ipr.nlm_request(req, msg_type=RTM_GETNEIGH,
+                                         msg_flags=NLM_F_REQUEST | NLM_F_DUMP):
             if msg.get("NDA_PROTOCOL") == RTPROT_LBD and msg.get("dst"):
                 result.append((int(msg["ifindex"]), str(msg.get("dst"))))
         return result
@@ -157,70 +193,75 @@ class Kernel:
                                  servers: Iterable[str]) -> None:
         """Replies from real servers go into the TUN: a default route in our table and one
         rule per server, ``iif server_if from SERVER lookup table``."""
-        await self._replace_route("0.0.0.0/0", tun_index, table=self.route_table)
+        await self._call(self._replace_route, "0.0.0.0/0", tun_index, self.route_table)
         await self.set_reply_rules(server_if, servers)
+
+    def _set_reply_rules(self, server_if: str, wanted: list[str]) -> None:
+        for msg in self._our_rules():
+            self._del_rule(msg)
+        for addr in wanted:
+            self._ipr.rule("add", family=socket.AF_INET, priority=self.rule_priority,
+                           table=self.route_table, src=addr, src_len=32, iifname=server_if)
 
     async def set_reply_rules(self, server_if: str, servers: Iterable[str]) -> None:
         """Make the rule set exactly one rule per server address (idempotent)."""
-        wanted = sorted(set(servers))
-        current = [m async for m in await self._ipr.rule("dump", family=socket.AF_INET)]
-        for msg in current:
-            prio = msg.get("priority")
-            if prio is not None and self.rule_priority <= prio < self.rule_priority + RULE_RANGE:
-                with contextlib.suppress(NetlinkError):
-                    await self._ipr.rule("del", family=socket.AF_INET, priority=prio,
-                                         table=msg.get("table"), src=msg.get_attr("FRA_SRC"),
-                                         src_len=msg.get("src_len"),
-                                         iifname=msg.get_attr("FRA_IIFNAME"))
-        for addr in wanted:
-            await self._ipr.rule("add", family=socket.AF_INET, priority=self.rule_priority,
-                                 table=self.route_table, src=addr, src_len=32,
-                                 iifname=server_if)
+        await self._call(self._set_reply_rules, server_if, sorted(set(servers)))
 
     # ---- addresses the master holds ---------------------------------------------------------
+    def _claim_vip(self, vip: str, tun_index: int, client_if: str) -> None:
+        self._replace_route(f"{vip}/32", tun_index, 254)
+        try:
+            self._ipr.neigh("add", dst=vip, ifindex=self._index(client_if), flags=NTF_PROXY,
+                            NDA_PROTOCOL=RTPROT_LBD)
+        except NetlinkError as exc:
+            if exc.code != EEXIST:
+                raise
+
     async def claim_vip(self, vip: str, tun_index: int, client_if: str) -> None:
         """Route the VIP into the data plane and answer ARP for it on the client side."""
-        await self._replace_route(f"{vip}/32", tun_index, table=254)
-        idx = await self._index(client_if)
-        try:
-            await self._ipr.neigh("add", dst=vip, ifindex=idx, flags=NTF_PROXY,
-                                  NDA_PROTOCOL=RTPROT_LBD)
-        except NetlinkError as exc:
-            if exc.code != EEXIST:
-                raise
+        await self._call(self._claim_vip, vip, tun_index, client_if)
+
+    def _release_vip(self, vip: str, client_if: str) -> None:
+        with contextlib.suppress(NetlinkError):
+            self._ipr.route("del", dst=f"{vip}/32", table=254, proto=RTPROT_LBD)
+        idx = self._ifindex(client_if)
+        if idx is not None:
+            with contextlib.suppress(NetlinkError):
+                self._ipr.neigh("del", dst=vip, ifindex=idx, flags=NTF_PROXY)
 
     async def release_vip(self, vip: str, client_if: str) -> None:
-        with contextlib.suppress(NetlinkError):
-            await self._ipr.route("del", dst=f"{vip}/32", table=254, proto=RTPROT_LBD)
-        idx = await self.ifindex(client_if)
-        if idx is not None:
-            with contextlib.suppress(NetlinkError):
-                await self._ipr.neigh("del", dst=vip, ifindex=idx, flags=NTF_PROXY)
+        await self._call(self._release_vip, vip, client_if)
 
-    async def claim_address(self, address: str, prefixlen: int, ifname: str) -> None:
-        idx = await self._index(ifname)
+    def _claim_address(self, address: str, prefixlen: int, ifname: str) -> None:
         try:
-            await self._ipr.addr("add", index=idx, address=address, prefixlen=prefixlen,
-                                 IFA_PROTO=RTPROT_LBD)
+            self._ipr.addr("add", index=self._index(ifname), address=address,
+                           prefixlen=prefixlen, IFA_PROTO=RTPROT_LBD)
         except NetlinkError as exc:
             if exc.code != EEXIST:
                 raise
 
-    async def release_address(self, address: str, prefixlen: int, ifname: str) -> None:
-        idx = await self.ifindex(ifname)
+    async def claim_address(self, address: str, prefixlen: int, ifname: str) -> None:
+        """Hold ``address/prefixlen`` as an interface address (tagged as ours)."""
+        await self._call(self._claim_address, address, prefixlen, ifname)
+
+    def _release_address(self, address: str, prefixlen: int, ifname: str) -> None:
+        idx = self._ifindex(ifname)
         if idx is not None:
             with contextlib.suppress(NetlinkError):
-                await self._ipr.addr("del", index=idx, address=address, prefixlen=prefixlen)
+                self._ipr.addr("del", index=idx, address=address, prefixlen=prefixlen)
+
+    async def release_address(self, address: str, prefixlen: int, ifname: str) -> None:
+        await self._call(self._release_address, address, prefixlen, ifname)
 
     # ---- helpers ----------------------------------------------------------------------------
-    async def _index(self, ifname: str) -> int:
-        idx = await self.ifindex(ifname)
+    def _index(self, ifname: str) -> int:
+        idx = self._ifindex(ifname)
         if idx is None:
             raise RuntimeError(f"no such interface: {ifname}")
         return idx
 
-    async def _replace_route(self, dst: str, oif: int, *, table: int) -> None:
-        await self._ipr.route("replace", dst=dst, oif=oif, table=table, proto=RTPROT_LBD)
+    def _replace_route(self, dst: str, oif: int, table: int) -> None:
+        self._ipr.route("replace", dst=dst, oif=oif, table=table, proto=RTPROT_LBD)
 
 
 def _dst(msg: Any) -> str:
