@@ -106,7 +106,7 @@ def _pseudo_header_sum(src: int, dst: int, length: int) -> int:
     return _ones_sum(struct.pack("!IIBBH", src, dst, 0, VRRP_PROTOCOL, length))
 
 
-def encode_advert(  # noqa: PLR0917 -- one positional argument per wire field, as specified
+def encode_advert(
     vrid: int,
     priority: int,
     max_adver_int_cs: int,

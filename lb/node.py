@@ -16,18 +16,20 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 
+from ha.controller import HaController
+from ha.ownership import AddressOwner
 from lb.addr import endpoint, int_to_ip, ip_to_int
-from lb.config import Config, ConfigError, load_config
+from lb.config import Config, ConfigError, VrrpAddress, load_config
 from lb.control import CommandError, ControlServer
 from lb.dataplane import DataPlane
 from lb.forwarder import Forwarder, ServiceCounts
 from lb.health.monitor import HealthMonitor, PoolChecks
 from lb.health.probes import ProbeResult
 from lb.health.state import Transition
-from lb.kernel import Kernel, gratuitous_arp
+from lb.kernel import Kernel
 from lb.metrics import MetricsServer, SourceCollector, dataplane_metrics
 from lb.persistence import PersistenceTable
-from lb.servers import AdminState, RealServer
+from lb.servers import AdminState, RealServer, candidates
 from lb.services import Service, ServiceSet, build_services
 from lb.sessions import SessionTable, SessionTimeouts, TcpState
 from lb.tun import open_tun
@@ -114,7 +116,8 @@ class Node:
         self.registry = CollectorRegistry(auto_describe=False)
         self.collector = SourceCollector()
         self.registry.register(self.collector)
-        self.held_vips: set[str] = set()
+        self.owner: AddressOwner | None = None
+        self.ha: HaController | None = None
         self._expiry: asyncio.TimerHandle | None = None
         self._stopping = asyncio.Event()
         self.reloads = 0
@@ -152,21 +155,30 @@ class Node:
             self.metrics_server = MetricsServer(cfg.metrics.listen.host, cfg.metrics.listen.port,
                                                 self.registry)
             await self.metrics_server.start()
+        self.owner = AddressOwner(self.kernel, self.tun_index,
+                                  {vc.address for vc in cfg.virtual_servers})
         if cfg.standalone:
-            await self.hold_vips({int_to_ip(v) for v in self.services.vips})
+            await self.hold_vips()
+        else:
+            self.ha = HaController(cfg, self.kernel, self.owner, self.pool_usable)
+            await self.ha.start()
+            self.collector.sources.append(self.ha.metrics)
         log.info("lbd node %s started: %d virtual servers, %d pools", cfg.node.name,
                  len(self.services.services), len(self.services.pools))
 
     async def stop(self) -> None:
         log.info("stopping")
+        if self.ha is not None:
+            await self.ha.stop()
         if self._expiry is not None:
             self._expiry.cancel()
         if self.monitor is not None:
             await self.monitor.stop()
         if self.dataplane is not None:
             self.dataplane.stop()
+        if self.owner is not None:
+            await self.owner.release_all()
         if self.kernel is not None:
-            await self.hold_vips(set())
             await self.kernel.remove_leftovers()
         if self.control is not None:
             await self.control.stop()
@@ -179,30 +191,19 @@ class Node:
             await self.kernel.close()
 
     # ---- addresses --------------------------------------------------------------------------
-    async def hold_vips(self, vips: set[str]) -> None:
-        """Make the set of VIPs this node attracts exactly ``vips``."""
-        assert self.kernel is not None
+    async def hold_vips(self) -> None:
+        """A standalone node holds exactly the VIPs of its virtual servers."""
+        assert self.owner is not None
         client_if = self.config.dataplane.client_interface
-        for vip in sorted(self.held_vips - vips):
-            await self.kernel.release_vip(vip, client_if)
-            self.held_vips.discard(vip)
-        for vip in sorted(vips - self.held_vips):
-            await self.kernel.claim_vip(vip, self.tun_index, client_if)
-            self.held_vips.add(vip)
-            self._garp(client_if, vip, 3, 0.05)
+        wanted = {VrrpAddress(vc.address) for vc in self.config.virtual_servers}
+        held = {entry for (ifname, _), entry in self.owner.held.items() if ifname == client_if}
+        await self.owner.release(client_if, held - wanted)
+        await self.owner.take(client_if, wanted - held, garp_count=3, garp_interval=0.05)
 
-    def _garp(self, ifname: str, address: str, count: int, interval: float) -> None:
-        """Announce ``address`` with gratuitous ARPs, ``count`` times ``interval`` apart."""
-        assert self.loop is not None
-        for i in range(count):
-            self.loop.call_later(i * interval, self._send_garp, ifname, address)
-
-    @staticmethod
-    def _send_garp(ifname: str, address: str) -> None:
-        try:
-            gratuitous_arp(ifname, address)
-        except OSError as exc:
-            log.warning("gratuitous ARP for %s on %s failed: %s", address, ifname, exc)
+    def pool_usable(self, name: str) -> bool:
+        """Has the pool a server that can take new sessions (VRRP track_pools)?"""
+        pool = self.services.pools.get(name)
+        return pool is not None and bool(candidates(pool.servers))
 
     def _server_addresses(self) -> set[str]:
         return {int_to_ip(s.addr) for s in self.services.servers()}
@@ -236,6 +237,8 @@ class Node:
         if pool is None:
             return
         pool.refresh()
+        if self.ha is not None:
+            self.ha.pools_changed()
         if not t.up and pool.on_server_down == "reset":
             now = time.monotonic()
             doomed = list(self.sessions.sessions_for_server(server))
@@ -270,7 +273,9 @@ class Node:
         await self.kernel.set_reply_rules(new.dataplane.server_interface,
                                           self._server_addresses())
         if new.standalone:
-            await self.hold_vips({int_to_ip(v) for v in self.services.vips})
+            assert self.owner is not None
+            self.owner.vips = frozenset(vc.address for vc in new.virtual_servers)
+            await self.hold_vips()
         self._start_health()
         self.reloads += 1
         log.info("reloaded %s: %d virtual servers", new.source, len(self.services.services))
@@ -307,7 +312,7 @@ class Node:
             "virtual_servers": {s.name: {"address": endpoint(s.vaddr, s.vport),
                                          "protocol": PROTO_NAMES[s.proto],
                                          "active_sessions": s.active,
-                                         "held": int_to_ip(s.vaddr) in self.held_vips}
+                                         "held": self._held(int_to_ip(s.vaddr))}
                                 for s in self.services.services},
         }
 
@@ -338,8 +343,11 @@ class Node:
                         "reason": last.reason if last else ""})
         return out
 
+    def _held(self, address: str) -> bool:
+        return self.owner is not None and any(a == address for _, a in self.owner.held)
+
     def vrrp_status(self) -> dict[str, dict[str, Any]]:
-        return {}
+        return self.ha.status() if self.ha is not None else {}
 
     def sync_status(self) -> dict[str, Any]:
         return {"connected": False, "configured": self.config.sync is not None}

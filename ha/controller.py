@@ -1,0 +1,311 @@
+"""VRRP in the daemon: runners per interface, sync groups, tracking, ownership, notify.
+
+Built from the config by the node, this wires the pure machines (:mod:`ha.vrrp_machine`) to
+the I/O around them:
+
+- one :class:`~ha.vrrp_io.VrrpRunner` (one raw socket) per interface that has instances;
+- ``[vrrp.groups]`` become :class:`~ha.vrrp_machine.GroupSync` objects reconciled after every
+  step of any runner, so a group's instances are master on the same box;
+- state changes are applied in order by one worker: on MASTER the instance's addresses are
+  taken (VIPs into the data plane, others as interface addresses) and announced with
+  gratuitous ARPs; on leaving MASTER they are released;
+- tracking: the instance's own interface and ``track_interfaces`` (link down → FAULT, or a
+  priority change when a weight is given) and ``track_pools`` (no usable server → same),
+  re-evaluated on a short poll and whenever a pool's health changes;
+- keepalived-compatible notify scripts, run without blocking the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shlex
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from ha.ownership import AddressOwner
+from ha.vrrp_io import RawVrrpSocket, RunnerInstance, VrrpRunner
+from ha.vrrp_machine import GroupSync, State, StateChange, VrrpConfig, VrrpMachine
+from lb.addr import int_to_ip, ip_to_int
+from lb.config import Config, VrrpGroupConfig, VrrpInstanceConfig
+from lb.kernel import Kernel
+
+log = logging.getLogger("lbd.vrrp")
+
+TRACK_POLL = 0.2  # seconds between link-state polls
+NOTIFY_TIMEOUT = 30.0
+STATE_NAMES = {State.INIT: "STOP", State.BACKUP: "BACKUP", State.MASTER: "MASTER",
+               State.FAULT: "FAULT"}
+
+
+@dataclass
+class Instance:
+    config: VrrpInstanceConfig
+    machine: VrrpMachine
+    runner: VrrpRunner | None = None
+    group: str | None = None
+    fault: bool = False
+    priority: int = 0
+    failed_tracks: list[str] = field(default_factory=list)
+
+
+class HaController:
+    def __init__(self, config: Config, kernel: Kernel, owner: AddressOwner,
+                 pool_usable: Callable[[str], bool]) -> None:
+        self.config = config
+        self.kernel = kernel
+        self.owner = owner
+        self.pool_usable = pool_usable
+        self.instances: dict[str, Instance] = {}
+        self.runners: list[VrrpRunner] = []
+        self.groups: list[GroupSync] = []
+        self.group_configs = {g.name: g for g in config.vrrp_groups}
+        self.group_state: dict[str, str] = {}
+        self._queue: asyncio.Queue[tuple[str, StateChange]] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._notify_tasks: set[asyncio.Task[None]] = set()
+        self.notify_failures = 0
+
+    # ---- life cycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        member_of = {i: g.name for g in self.config.vrrp_groups for i in g.instances}
+        by_if: dict[str, list[VrrpInstanceConfig]] = {}
+        for ic in self.config.vrrp_instances:
+            by_if.setdefault(ic.interface, []).append(ic)
+        for ifname, configs in by_if.items():
+            where = f"{self.config.source}: vrrp.instances.{configs[0].name}.interface"
+            idx = await self.kernel.ifindex(ifname)
+            if idx is None:
+                raise RuntimeError(f"{where}: interface {ifname!r} not found")
+            primary = await self.kernel.primary_address(ifname)
+            if primary is None:
+                raise RuntimeError(f"{where}: interface {ifname!r} has no IPv4 address")
+            src = ip_to_int(primary)
+            runner_instances = []
+            for ic in configs:
+                machine = VrrpMachine(VrrpConfig(
+                    vrid=ic.vrid, priority=ic.priority, advert_interval=ic.advert_interval,
+                    primary_address=src,
+                    addresses=tuple(ip_to_int(a.address) for a in ic.addresses),
+                    preempt=ic.preempt, preempt_delay=ic.preempt_delay))
+                self.instances[ic.name] = Instance(ic, machine, group=member_of.get(ic.name),
+                                                   priority=ic.priority)
+                runner_instances.append(RunnerInstance(
+                    ic.name, machine, tuple(ip_to_int(p) for p in ic.unicast_peers)))
+            transport = RawVrrpSocket.open(ifname, idx, src)
+            runner = VrrpRunner(loop, transport, src, runner_instances, self._on_state_change,
+                                on_step=self._on_step)
+            for ri in runner_instances:
+                self.instances[ri.name].runner = runner
+            self.runners.append(runner)
+        for gc in self.config.vrrp_groups:
+            self.groups.append(GroupSync(gc.name, [self.instances[n].machine
+                                                   for n in gc.instances]))
+        self._tasks.append(loop.create_task(self._apply_changes()))
+        await self.evaluate_tracking()
+        for runner in self.runners:
+            runner.start()
+        self._tasks.append(loop.create_task(self._poll_tracking()))
+
+    async def stop(self) -> None:
+        """Leave MASTER announcing priority 0 (the peer takes over after skew time), release
+        every address, and stop."""
+        for runner in self.runners:
+            runner.stop()
+        await self._queue.join()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.owner.release_all()
+        if self._notify_tasks:
+            await asyncio.wait(list(self._notify_tasks), timeout=2)
+
+    # ---- events -----------------------------------------------------------------------------
+    def _on_step(self, now: float) -> None:
+        for group in self.groups:
+            group.reconcile(now)
+        for runner in self.runners:
+            runner.flush()
+
+    def _on_state_change(self, name: str, change: StateChange) -> None:
+        inst = self.instances[name]
+        log.warning("instance %s: %s -> %s (%s)", name, change.old.name, change.new.name,
+                    change.reason.name.lower())
+        self._queue.put_nowait((name, change))
+        self._notify(inst.config.notify, inst.config, "INSTANCE", name, change.new,
+                     inst.machine.priority)
+        if inst.group is not None:
+            self._group_changed(inst.group)
+
+    async def _apply_changes(self) -> None:
+        """Apply ownership for state changes one at a time, in the order they happened."""
+        while True:
+            name, change = await self._queue.get()
+            ic = self.instances[name].config
+            try:
+                if change.new is State.MASTER:
+                    await self.owner.take(ic.interface, ic.addresses,
+                                          garp_count=ic.garp_count,
+                                          garp_interval=ic.garp_interval)
+                elif change.old is State.MASTER:
+                    await self.owner.release(ic.interface, ic.addresses)
+            except Exception:
+                log.exception("instance %s: applying %s failed", name, change.new.name)
+            finally:
+                self._queue.task_done()
+
+    def _group_changed(self, group: str) -> None:
+        states = [self.instances[n].machine.state for n in self.group_configs[group].instances]
+        if all(s is State.MASTER for s in states):
+            new = State.MASTER
+        elif any(s is State.FAULT for s in states):
+            new = State.FAULT
+        elif all(s is State.INIT for s in states):
+            new = State.INIT
+        else:
+            new = State.BACKUP
+        if self.group_state.get(group) != new.name:
+            self.group_state[group] = new.name
+            gc = self.group_configs[group]
+            self._notify(gc.notify, gc, "GROUP", group, new, 0)
+
+    # ---- notify scripts ---------------------------------------------------------------------
+    def _notify(self, generic: str | None, cfg: VrrpInstanceConfig | VrrpGroupConfig,
+                kind: str, name: str, state: State, priority: int) -> None:
+        specific = {State.MASTER: cfg.notify_master, State.BACKUP: cfg.notify_backup,
+                    State.FAULT: cfg.notify_fault}.get(state)
+        if specific:
+            self._spawn(shlex.split(specific))
+        if generic:
+            self._spawn([*shlex.split(generic), kind, name, STATE_NAMES[state], str(priority)])
+
+    def _spawn(self, argv: list[str]) -> None:
+        task = asyncio.get_running_loop().create_task(self._run_script(argv))
+        self._notify_tasks.add(task)
+        task.add_done_callback(self._notify_tasks.discard)
+
+    async def _run_script(self, argv: list[str]) -> None:
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
+        except OSError as exc:
+            self.notify_failures += 1
+            log.error("notify %s: cannot run: %s", argv[0], exc)
+            return
+        try:
+            code = await asyncio.wait_for(proc.wait(), NOTIFY_TIMEOUT)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            code = -9
+        if code != 0:
+            self.notify_failures += 1
+            log.warning("notify %s exited %d", " ".join(argv), code)
+
+    # ---- tracking ---------------------------------------------------------------------------
+    async def _poll_tracking(self) -> None:
+        while True:
+            await asyncio.sleep(TRACK_POLL)
+            try:
+                await self.evaluate_tracking()
+            except Exception:
+                log.exception("tracking failed")
+
+    def pools_changed(self) -> None:
+        """A pool's health changed: re-evaluate track_pools at once."""
+        task = asyncio.get_running_loop().create_task(self.evaluate_tracking())
+        self._notify_tasks.add(task)
+        task.add_done_callback(self._notify_tasks.discard)
+
+    async def evaluate_tracking(self) -> None:
+        links: dict[str, bool] = {}
+        for inst in self.instances.values():
+            ic = inst.config
+            failed: list[tuple[str, int]] = []
+            for ifname, weight in [(ic.interface, 0),
+                                   *((t.interface, t.weight) for t in ic.track_interfaces)]:
+                if ifname not in links:
+                    links[ifname] = await self.kernel.link_up(ifname)
+                if not links[ifname]:
+                    failed.append((f"interface {ifname}", weight))
+            for tp in ic.track_pools:
+                if not self.pool_usable(tp.pool):
+                    failed.append((f"pool {tp.pool}", tp.weight))
+            fault = any(w == 0 for _, w in failed)
+            priority = ic.priority
+            if priority < 255:
+                priority = max(1, min(254, priority + sum(w for _, w in failed)))
+            self._apply_tracking(inst, fault, priority, [what for what, _ in failed])
+
+    def _apply_tracking(self, inst: Instance, fault: bool, priority: int,
+                        failed: list[str]) -> None:
+        if failed != inst.failed_tracks:
+            if failed:
+                log.warning("instance %s: tracking failed: %s", inst.config.name,
+                            ", ".join(failed))
+            else:
+                log.warning("instance %s: tracking ok", inst.config.name)
+            inst.failed_tracks = failed
+        runner = inst.runner
+        if runner is None:
+            return
+        if priority != inst.priority:
+            inst.priority = priority
+            runner.set_priority(inst.config.name, priority)
+        if fault != inst.fault:
+            inst.fault = fault
+            runner.set_fault(inst.config.name, fault)
+
+    # ---- read side --------------------------------------------------------------------------
+    def status(self) -> dict[str, dict[str, object]]:
+        out: dict[str, dict[str, object]] = {}
+        for name, inst in self.instances.items():
+            m = inst.machine
+            out[name] = {
+                "state": m.state.value, "priority": m.priority, "vrid": inst.config.vrid,
+                "base_priority": inst.config.priority, "interface": inst.config.interface,
+                "master": int_to_ip(m.master_address) if m.master_address else None,
+                "addresses": [f"{a.address}/{a.prefix_len}" for a in inst.config.addresses],
+                "group": inst.group, "tracking_failed": inst.failed_tracks,
+                "transitions": m.transitions,
+            }
+        return out
+
+    def metrics(self) -> Iterator[Metric]:
+        state = GaugeMetricFamily("lbd_vrrp_state", "1 for the instance's current state",
+                                  labels=["instance", "state"])
+        prio = GaugeMetricFamily("lbd_vrrp_priority", "Effective VRRP priority",
+                                 labels=["instance"])
+        trans = CounterMetricFamily("lbd_vrrp_transitions", "VRRP state transitions",
+                                    labels=["instance"])
+        sent = CounterMetricFamily("lbd_vrrp_adverts_sent", "VRRP adverts sent",
+                                   labels=["instance"])
+        recv = CounterMetricFamily("lbd_vrrp_adverts_received",
+                                   "VRRP adverts handed to the instance", labels=["instance"])
+        dropped = CounterMetricFamily("lbd_vrrp_adverts_dropped",
+                                      "VRRP adverts dropped, by reason",
+                                      labels=["scope", "reason"])
+        for name, inst in self.instances.items():
+            m = inst.machine
+            for st in State:
+                state.add_metric([name, st.value], 1 if m.state is st else 0)
+            prio.add_metric([name], m.priority)
+            trans.add_metric([name], m.transitions)
+            sent.add_metric([name], m.adverts_sent)
+            recv.add_metric([name], m.adverts_received)
+            for reason, n in m.dropped.items():
+                dropped.add_metric([name, reason.value], n)
+        for runner in self.runners:
+            scope = f"interface:{int_to_ip(runner.primary_address)}"
+            for reason, n in runner.dropped.items():
+                dropped.add_metric([scope, reason.value], n)
+        yield from (state, prio, trans, sent, recv, dropped)
+        yield CounterMetricFamily("lbd_vrrp_notify_failures", "Notify scripts that failed",
+                                  value=self.notify_failures)
