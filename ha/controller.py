@@ -152,7 +152,8 @@ class HaController:
                 if change.new is State.MASTER:
                     await self.owner.take(ic.interface, ic.addresses,
                                           garp_count=ic.garp_count,
-                                          garp_interval=ic.garp_interval)
+                                          garp_interval=ic.garp_interval,
+                                          garp_refresh=ic.garp_master_delay)
                 elif change.old is State.MASTER:
                     await self.owner.release(ic.interface, ic.addresses)
             except Exception:

@@ -31,7 +31,7 @@ class AddressOwner:
         return entry.prefix_len == 32 and entry.address in self.vips
 
     async def take(self, ifname: str, addresses: Iterable[VrrpAddress], *, garp_count: int,
-                   garp_interval: float) -> None:
+                   garp_interval: float, garp_refresh: float = 0.0) -> None:
         for entry in addresses:
             if self.is_vip(entry):
                 await self.kernel.claim_vip(entry.address, self.tun_index, ifname)
@@ -39,6 +39,10 @@ class AddressOwner:
                 await self.kernel.claim_address(entry.address, entry.prefix_len, ifname)
             self.held[(ifname, entry.address)] = entry
             self.announce(ifname, entry.address, garp_count, garp_interval)
+            if garp_refresh > 0:
+                asyncio.get_running_loop().call_later(
+                    garp_refresh, self._refresh, ifname, entry.address, garp_count,
+                    garp_interval)
 
     async def release(self, ifname: str, addresses: Iterable[VrrpAddress]) -> None:
         for entry in addresses:
@@ -60,6 +64,10 @@ class AddressOwner:
         loop = asyncio.get_running_loop()
         for i in range(count):
             loop.call_later(i * interval, self._garp, ifname, address)
+
+    def _refresh(self, ifname: str, address: str, count: int, interval: float) -> None:
+        if (ifname, address) in self.held:  # still ours
+            self.announce(ifname, address, count, interval)
 
     def _garp(self, ifname: str, address: str) -> None:
         try:

@@ -238,6 +238,9 @@ class VrrpInstanceConfig:
     track_pools: tuple[TrackPool, ...] = ()
     garp_count: int = 5
     garp_interval: float = 0.05
+    # keepalived's garp_master_delay: a second round of gratuitous ARPs this long after
+    # becoming master, for neighbours that ignored the first (Linux's 1 s ARP locktime).
+    garp_master_delay: float = 5.0
     notify: str | None = None
     notify_master: str | None = None
     notify_backup: str | None = None
@@ -715,6 +718,8 @@ def _instance(
         track_pools=tuple(track_pools),
         garp_count=t.get("garp_count", _int(0, 100), _default(d, "garp_count")),
         garp_interval=t.get("garp_interval", _duration(), _default(d, "garp_interval")),
+        garp_master_delay=t.get("garp_master_delay", _duration(),
+                                _default(d, "garp_master_delay")),
         notify=t.opt("notify", _command),
         notify_master=t.opt("notify_master", _command),
         notify_backup=t.opt("notify_backup", _command),

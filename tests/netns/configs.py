@@ -53,3 +53,43 @@ servers = {web}
 [pools.dns]
 servers = {servers_toml(udp_port)}
 """
+
+
+def pair(node: str, *, priority: int, advert: str = "100ms", preempt: bool = True,
+         extra_instance: str = "", sessions: str = "", sync: bool = False,
+         health: str = "") -> str:
+    """One node of an HA pair: the single-node services plus VRRP instances "front" (the
+    VIP on eth0, vrid 51) and "back" (the servers' gateway on eth1, vrid 52) in group
+    "pair". ``node`` is "lba" or "lbb"."""
+    me, peer = ("198.19.0.2", "198.19.0.3") if node == "lba" else ("198.19.0.3", "198.19.0.2")
+    base = single(name=f"lb-{node}", sessions=sessions, health=health)
+    base = base.replace('listen = "127.0.0.1:9641"', 'listen = "127.0.0.1:9641"')
+    sync_toml = f"""
+[sync]
+listen = "{me}:7411"
+peer = "{peer}:7411"
+key_file = "@KEYFILE@"
+""" if sync else ""
+    flag = "true" if preempt else "false"
+    return base + f"""
+[vrrp.instances.front]
+interface = "eth0"
+vrid = 51
+priority = {priority}
+advert_interval = "{advert}"
+preempt = {flag}
+addresses = ["{VIP}"]
+{extra_instance}
+
+[vrrp.instances.back]
+interface = "eth1"
+vrid = 52
+priority = {priority}
+advert_interval = "{advert}"
+preempt = {flag}
+addresses = ["198.18.0.1/24"]
+{extra_instance}
+
+[vrrp.groups.pair]
+instances = ["front", "back"]
+{sync_toml}"""

@@ -1,0 +1,139 @@
+"""VRRP pair in namespaces: election, takeover on SIGKILL and SIGTERM, preemption, split
+brain and its healing. Two real lbd processes on shared bridges."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections import Counter
+
+import pytest
+
+from lab.topology import VIP, wait_until
+from tests.netns import configs
+from tests.netns.harness import LabEnv, Lbd
+
+pytestmark = pytest.mark.topology(pair=True)
+URL = f"http://{VIP}/"
+
+
+def states(lbd: Lbd) -> dict[str, str]:
+    return {name: v["state"] for name, v in lbd.ctl("vrrp").items()}
+
+
+def wait_states(lbd: Lbd, state: str, timeout: float = 10) -> None:
+    wait_until(lambda: states(lbd) == {"front": state, "back": state}, timeout=timeout,
+               what=f"{lbd.host} to be {state} for both instances")
+
+
+def mac(env: LabEnv, host: str, ifname: str = "eth0") -> str:
+    out = env.lab.sh(host, f"cat /sys/class/net/{ifname}/address")
+    return out.strip()
+
+
+def client_neighbour(env: LabEnv, host: str = "c1") -> str:
+    out = env.lab.sh(host, f"ip neigh show {VIP}")
+    parts = out.split()
+    return parts[parts.index("lladdr") + 1] if "lladdr" in parts else ""
+
+
+def start_pair(env: LabEnv, *, preempt: bool = True, advert: str = "100ms") -> tuple[Lbd, Lbd]:
+    env.start_servers()
+    a = env.lbd(configs.pair("lba", priority=200, preempt=preempt, advert=advert), "lba")
+    wait_states(a, "MASTER")
+    b = env.lbd(configs.pair("lbb", priority=100, preempt=preempt, advert=advert), "lbb")
+    wait_states(b, "BACKUP")
+    return a, b
+
+
+def get_ok(env: LabEnv, count: int = 3, host: str = "c1") -> Counter[str]:
+    answers = env.client(host, "get", URL, "--count", str(count), "--timeout", "2")["answers"]
+    return Counter(answers)
+
+
+def test_higher_priority_is_master_for_both_instances(env: LabEnv) -> None:
+    a, b = start_pair(env)
+    assert states(a) == {"front": "MASTER", "back": "MASTER"}
+    assert states(b) == {"front": "BACKUP", "back": "BACKUP"}
+    assert a.ctl("status")["vrrp"] == {"front": {"state": "MASTER"},
+                                       "back": {"state": "MASTER"}}
+    assert b.ctl("vrrp")["front"]["vrid"] == 51 and b.ctl("vrrp")["front"]["priority"] == 100
+    assert sum(get_ok(env).values()) == 3 and set(get_ok(env)) <= {"s1", "s2", "s3"}
+    assert client_neighbour(env) == mac(env, "lba")
+    # The master holds the servers' gateway; the backup does not.
+    assert "198.18.0.1/24" in env.lab.sh("lba", "ip -4 addr show eth1")
+    assert "198.18.0.1/24" not in env.lab.sh("lbb", "ip -4 addr show eth1")
+
+
+def test_sigkill_master_backup_takes_over(env: LabEnv) -> None:
+    a, b = start_pair(env)
+    assert set(get_ok(env)) <= {"s1", "s2", "s3"}
+    a.stop(signal.SIGKILL)
+    wait_states(b, "MASTER", timeout=5)
+    wait_until(lambda: client_neighbour(env) == mac(env, "lbb"), timeout=5,
+               what="the client's neighbour entry for the VIP to point at lbb")
+    assert sum(get_ok(env).values()) == 3
+    assert all(name in {"s1", "s2", "s3"} for name in get_ok(env))
+
+
+def test_restart_preempts_back(env: LabEnv) -> None:
+    a, b = start_pair(env)
+    assert set(get_ok(env)) <= {"s1", "s2", "s3"}  # the client now has a neighbour entry
+    a.stop(signal.SIGKILL)
+    wait_states(b, "MASTER", timeout=5)
+    a.start()  # the same config again; a restart cleans up after the killed one
+    wait_states(a, "MASTER")
+    wait_states(b, "BACKUP")
+    # The client ignores ARP within its 1 s locktime after the first move; the second round
+    # of gratuitous ARPs (garp_master_delay, 5 s) updates it.
+    wait_until(lambda: client_neighbour(env) == mac(env, "lba"), timeout=10,
+               what="the VIP to move back to lba")
+    assert set(get_ok(env)) <= {"s1", "s2", "s3"}
+
+
+def test_restart_does_not_preempt_when_preempt_false(env: LabEnv) -> None:
+    a, b = start_pair(env, preempt=False)
+    a.stop(signal.SIGKILL)
+    wait_states(b, "MASTER", timeout=5)
+    a.start()
+    wait_states(a, "BACKUP")
+    # Several master-down intervals later lbb still holds both instances.
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:
+        assert states(b) == {"front": "MASTER", "back": "MASTER"}
+        assert states(a) == {"front": "BACKUP", "back": "BACKUP"}
+
+
+def test_sigterm_hands_over_faster_than_master_down(env: LabEnv) -> None:
+    """With 1 s adverts the master-down interval is ~3.6 s; a master stopping cleanly sends
+    priority 0, so the backup takes over after its skew time (~0.6 s)."""
+    a, b = start_pair(env, advert="1s")
+    started = time.monotonic()
+    a.kill(signal.SIGTERM)
+    wait_states(b, "MASTER", timeout=10)
+    elapsed = time.monotonic() - started
+    assert elapsed < 3.0, f"takeover took {elapsed:.2f}s, no faster than master-down"
+    assert a.stop() == 0
+    # Nothing left behind on lba.
+    assert "198.18.0.1" not in env.lab.sh("lba", "ip -4 addr show")
+    assert env.lab.sh("lba", "ip neigh show proxy").strip() == ""
+    assert "lbtun0" not in env.lab.sh("lba", "ip link show")
+
+
+def _cut_vrrp(env: LabEnv, cut: bool) -> None:
+    """Cut (or heal) VRRP between the nodes while every link keeps its carrier: the bridges
+    stop flooding multicast (224.0.0.18) to the LBs' ports; ARP and unicast still flow."""
+    for bridge in ("front", "back"):
+        for host in ("lba", "lbb"):
+            env.lab.sh("sw", f"bridge link set dev {bridge[:4]}-{host} "
+                             f"mcast_flood {'off' if cut else 'on'}")
+
+
+def test_split_brain_heals_to_one_master(env: LabEnv) -> None:
+    a, b = start_pair(env)
+    _cut_vrrp(env, True)
+    wait_states(b, "MASTER", timeout=5)
+    assert states(a) == {"front": "MASTER", "back": "MASTER"}
+    _cut_vrrp(env, False)
+    wait_states(b, "BACKUP", timeout=1.0)
+    assert states(a) == {"front": "MASTER", "back": "MASTER"}
