@@ -1,0 +1,109 @@
+"""What runs in a lab: lbd processes, real servers and clients (used by the lab demo, the
+namespace tests and the benchmarks)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal as _signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lab.topology import SERVERS, Lab, wait_until
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+ENV = {"PYTHONPATH": str(REPO)}
+
+
+@dataclass
+class Lbd:
+    """One lbd process in a namespace."""
+
+    env: LabEnv
+    host: str
+    config: Path
+    socket: str
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, *, wait: bool = True) -> Lbd:
+        self.proc = self.env.lab.spawn(self.host, [str(BIN / "lbd"), "--config",
+                                                   str(self.config)], log=str(self.log), env=ENV)
+        if wait:
+            wait_until(self._alive_and_answering, timeout=20,
+                       what=f"lbd on {self.host} to answer on its control socket")
+        return self
+
+    def _alive_and_answering(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"lbd exited {self.proc.returncode}:\n{self.log_text()}")
+        return bool(self.ctl("status", check=False))
+
+    def ctl(self, *args: str, check: bool = True) -> Any:
+        proc = subprocess.run([str(BIN / "lbctl"), "--socket", self.socket, "--json", *args],
+                              capture_output=True, text=True, timeout=20, check=False)
+        if proc.returncode != 0:
+            if check:
+                raise AssertionError(f"lbctl {' '.join(args)} failed: {proc.stderr}")
+            return None
+        return json.loads(proc.stdout)
+
+    def kill(self, sig: int) -> None:
+        assert self.proc is not None
+        os.killpg(self.proc.pid, sig)
+
+    def stop(self, sig: int = _signal.SIGTERM) -> int | None:
+        assert self.proc is not None
+        return self.env.lab.stop(self.proc, sig, timeout=15)
+
+    def log_text(self) -> str:
+        try:
+            return self.log.read_text()
+        except OSError:
+            return ""
+
+
+@dataclass
+class LabEnv:
+    lab: Lab
+    tmp: Path
+    lbds: list[Lbd] = field(default_factory=list)
+
+    def python(self, host: str, *args: str, timeout: float = 60) -> Any:
+        """Run ``python -m ARGS`` in ``host`` and parse the last JSON line it prints."""
+        out = self.lab.sh(host, " ".join([sys.executable, "-m", *args]), timeout=timeout)
+        return json.loads(out.strip().splitlines()[-1])
+
+    def client(self, host: str, *args: str, timeout: float = 60) -> Any:
+        return self.python(host, "lab.client", *args, timeout=timeout)
+
+    def lbd(self, config: str, host: str = "lba", *, start: bool = True) -> Lbd:
+        n = len(self.lbds)
+        sock = str(self.tmp / f"{host}-{n}.sock")
+        path = self.tmp / f"{host}-{n}.toml"
+        path.write_text(config.replace("@SOCKET@", sock))
+        lbd = Lbd(self, host, path, sock, self.tmp / f"{host}-{n}.log")
+        self.lbds.append(lbd)
+        return lbd.start() if start else lbd
+
+    def start_servers(self, names: tuple[str, ...] = tuple(SERVERS), *, http: int = 8080,
+                      udp: int = 5353) -> None:
+        for name in names:
+            self.start_server(name, http=http, udp=udp)
+
+    def start_server(self, name: str, *, http: int = 8080,
+                     udp: int = 5353) -> subprocess.Popen[bytes]:
+        proc = self.lab.spawn(name, [sys.executable, "-m", "lab.realserver", "--name", name,
+                                     "--http", str(http), "--udp", str(udp),
+                                     "--state-dir", str(self.tmp)], env=ENV)
+        wait_until(lambda: f":{http} " in self.lab.sh(name, "ss -ltnH"), timeout=10,
+                   what=f"{name} to listen on {http}")
+        self.servers[name] = proc
+        return proc
+
+    servers: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
