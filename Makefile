@@ -11,7 +11,7 @@ help:  ## show this help
 install:  ## install system packages (apt-get) and the venv with lbd and its test tools (root)
 	./scripts/setup.sh
 
-test: install lint  ## lint, unit tests and namespace tests (root): what CI runs
+test: lint  ## lint, unit and namespace tests (root); after scripts/setup.sh; what CI runs
 	$(PYTEST) -q tests
 
 unit:  ## unit tests of the pure cores only (no root needed)
@@ -20,10 +20,10 @@ unit:  ## unit tests of the pure cores only (no root needed)
 netns:  ## namespace tests only (root)
 	$(PYTEST) -q tests/netns
 
-lab: install  ## the namespace lab: clients, lbd, real servers; shows what lbd does (root)
+lab:  ## the namespace lab: clients, lbd, real servers; shows what lbd does (root)
 	$(PY) -m lab
 
-bench: install  ## benchmarks in namespaces: ratios against the kernel and HAProxy (root)
+bench:  ## benchmarks in namespaces: ratios against the kernel and HAProxy (root)
 	$(PY) -m bench
 
 lint:  ## ruff and mypy --strict
