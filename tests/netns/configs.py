@@ -57,7 +57,7 @@ servers = {servers_toml(udp_port)}
 
 def pair(node: str, *, priority: int, advert: str = "100ms", preempt: bool = True,
          extra_instance: str = "", sessions: str = "", sync: bool = False,
-         health: str = "") -> str:
+         health: str = "", extra_group: str = "") -> str:
     """One node of an HA pair: the single-node services plus VRRP instances "front" (the
     VIP on eth0, vrid 51) and "back" (the servers' gateway on eth1, vrid 52) in group
     "pair". ``node`` is "lba" or "lbb"."""
@@ -92,4 +92,5 @@ addresses = ["198.18.0.1/24"]
 
 [vrrp.groups.pair]
 instances = ["front", "back"]
+{extra_group}
 {sync_toml}"""

@@ -137,3 +137,66 @@ def test_split_brain_heals_to_one_master(env: LabEnv) -> None:
     _cut_vrrp(env, False)
     wait_states(b, "BACKUP", timeout=1.0)
     assert states(a) == {"front": "MASTER", "back": "MASTER"}
+
+
+def test_notify_scripts_keepalived_style(env: LabEnv) -> None:
+    log = env.tmp / "notify.log"
+    script = env.tmp / "notify.sh"
+    script.write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
+    script.chmod(0o755)
+    master_flag = env.tmp / "became-master"
+    env.start_servers()
+    a = env.lbd(configs.pair(
+        "lba", priority=200,
+        extra_instance=f'notify = "{script}"\nnotify_master = "touch {master_flag}"',
+        extra_group=f'notify = "{script}"'), "lba")
+    wait_states(a, "MASTER")
+    wait_until(lambda: log.exists() and "GROUP pair MASTER" in log.read_text(), timeout=5,
+               what="the group's MASTER notification")
+    wait_until(master_flag.exists, timeout=5, what="notify_master to run")
+    assert a.stop() == 0
+    lines = log.read_text().splitlines()
+    for expected in ("INSTANCE front BACKUP 200", "INSTANCE front MASTER 200",
+                     "INSTANCE back MASTER 200", "GROUP pair MASTER 0",
+                     "INSTANCE front STOP 200", "INSTANCE back STOP 200"):
+        assert expected in lines, (expected, lines)
+
+
+def test_track_interface_down_faults_and_hands_over(env: LabEnv) -> None:
+    env.start_servers()
+    a = env.lbd(configs.pair("lba", priority=200, extra_instance='track_interfaces = ["eth2"]'),
+                "lba")
+    wait_states(a, "MASTER")
+    b = env.lbd(configs.pair("lbb", priority=100), "lbb")
+    wait_states(b, "BACKUP")
+    env.lab.sh("lba", "ip link set eth2 down")
+    wait_states(b, "MASTER", timeout=5)
+    wait_until(lambda: states(a)["front"] == "FAULT", timeout=5, what="lba front FAULT")
+    assert states(a)["back"] in {"FAULT", "BACKUP"}
+    assert a.ctl("vrrp")["front"]["tracking_failed"] == ["interface eth2"]
+    env.lab.sh("lba", "ip link set eth2 up")
+    wait_states(a, "MASTER", timeout=5)
+    wait_states(b, "BACKUP", timeout=5)
+
+
+def test_track_pool_lowers_priority(env: LabEnv) -> None:
+    health = ('health_check = { type = "http", interval = "200ms", timeout = "150ms", '
+              'rise = 1, fall = 1 }')
+    env.start_servers()
+    a = env.lbd(configs.pair(
+        "lba", priority=200, health=health,
+        extra_instance='track_pools = [{ pool = "web", weight = -150 }]'), "lba")
+    wait_states(a, "MASTER")
+    b = env.lbd(configs.pair("lbb", priority=100, health=health), "lbb")
+    wait_states(b, "BACKUP")
+    for name in ("s1", "s2", "s3"):
+        (env.tmp / f"{name}.status").write_text("503")
+    # No usable web server on lba: 200 - 150 = 50 < 100, so lbb preempts.
+    wait_states(b, "MASTER", timeout=10)
+    assert a.ctl("vrrp")["front"]["priority"] == 50
+    # The backup ran its own checks all along: its view of the servers is warm.
+    assert {s["state"] for s in b.ctl("servers") if s["pool"] == "web"} == {"DOWN"}
+    for name in ("s1", "s2", "s3"):
+        (env.tmp / f"{name}.status").unlink()
+    wait_states(a, "MASTER", timeout=10)
+    assert a.ctl("vrrp")["front"]["priority"] == 200
