@@ -55,6 +55,16 @@ class CheckStats:
         self.count = 0
         self.total = 0.0
         self.transitions: dict[tuple[str, str, str], int] = {}
+        # Counts of monitors replaced by a reload: their counters must not go back to zero.
+        self.carried_checks: dict[tuple[str, str, str], int] = {}
+        self.carried_failures: dict[tuple[str, str, str], int] = {}
+
+    def carry(self, monitor: HealthMonitor) -> None:
+        """Keep the probe counts of a stopped ``monitor`` that a new one replaces."""
+        for src, dst in ((monitor.checks_total, self.carried_checks),
+                         (monitor.failures_total, self.carried_failures)):
+            for labels, n in src.items():
+                dst[labels] = dst.get(labels, 0) + n
 
     def observe(self, server: RealServer, result: ProbeResult) -> None:
         self.count += 1
@@ -80,11 +90,11 @@ class CheckStats:
                                        "Failed health check probes by reason",
                                        labels=["pool", "server", "reason"])
         mon = monitor()
-        if mon is not None:
-            for labels, n in sorted(mon.checks_total.items()):
-                checks.add_metric(list(labels), n)
-            for labels, n in sorted(mon.failures_total.items()):
-                failures.add_metric(list(labels), n)
+        for family, carried, current in (
+                (checks, self.carried_checks, mon.checks_total if mon else {}),
+                (failures, self.carried_failures, mon.failures_total if mon else {})):
+            for labels in sorted(carried.keys() | current.keys()):
+                family.add_metric(list(labels), carried.get(labels, 0) + current.get(labels, 0))
         trans = CounterMetricFamily("lbd_server_transitions",
                                     "Real server health transitions",
                                     labels=["pool", "server", "to"])
@@ -224,6 +234,8 @@ class Node:
         pools = {name: PoolChecks(self.config.pools[name].health_check,
                                   self.config.pools[name].slow_start, pool.servers)
                  for name, pool in self.services.pools.items()}
+        if self.monitor is not None:  # a reload replaces it: keep its counts
+            self.check_stats.carry(self.monitor)
         self.monitor = HealthMonitor(pools, self._on_transition,
                                      on_result=self.check_stats.observe)
         self.monitor.start()

@@ -416,7 +416,10 @@ async def probe_icmp(spec: HealthCheckSpec, addr: str, port: int = 0) -> ProbeRe
             request = _echo_request(ident, seq, token)
             if raw:
                 # Not connected: errors from routers on the way come from other addresses.
-                await loop.sock_sendto(sock, request, (addr, 0))
+                # A plain sendto, not loop.sock_sendto: uvloop (the daemon's loop) raises
+                # NotImplementedError for it. One small datagram does not block a raw
+                # socket; if the kernel ever says EAGAIN, the probe fails with that error.
+                sock.sendto(request, (addr, 0))
                 expected_id = ident
             else:
                 # Report ICMP errors (host unreachable ...) as socket errors, not only the

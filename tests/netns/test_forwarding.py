@@ -8,8 +8,6 @@ and 1,000 malformed packets.
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import subprocess
 import sys
 from collections import Counter
@@ -19,8 +17,8 @@ import pytest
 
 from lab.topology import VIP, wait_until
 from tests.netns import configs
-from tests.netns.harness import ENV, LabEnv
-from tests.netns.helpers import drops, metric, scrape
+from tests.netns.harness import LabEnv
+from tests.netns.helpers import Holder, drops, metric, scrape
 
 URL = f"http://{VIP}/"
 
@@ -44,36 +42,6 @@ def test_port_mapping_vip80_to_8080(env: LabEnv) -> None:
     sessions = env.lbds[0].ctl("sessions")
     assert {s["virtual"] for s in sessions} == {f"{VIP}:80"}
     assert {s["server"].split(":")[1] for s in sessions} == {"8080"}
-
-
-class Holder:
-    """Connections held open through the VIP by a client process."""
-
-    def __init__(self, env: LabEnv, host: str, count: int, port: int = 80) -> None:
-        cmd = ["ip", "netns", "exec", env.lab.ns(host), sys.executable, "-m", "lab.client",
-               "hold", VIP, str(port), "--count", str(count), "--timeout", "3"]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, env={**os.environ, **ENV})
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        assert line, "holder exited before holding its connections"
-        self.held = json.loads(line)["held"]
-
-    def send(self) -> list[str]:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write("send\n")
-        self.proc.stdin.flush()
-        results: list[str] = json.loads(self.proc.stdout.readline())["results"]
-        return results
-
-    def close(self) -> None:
-        if self.proc.stdin:
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
 
 
 def server_loads(env: LabEnv) -> dict[str, int]:
