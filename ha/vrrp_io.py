@@ -49,6 +49,7 @@ _log = logging.getLogger(__name__)
 
 # Linux values; Python's socket module does not export IP_PKTINFO on every version.
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 _IP_MREQN = struct.Struct("=4s4si")  # struct ip_mreqn: multiaddr, address, ifindex
 _IN_PKTINFO = struct.Struct("=i4s4s")  # struct in_pktinfo: ifindex, spec_dst, addr
 _ADDR = struct.Struct("!I")
@@ -120,6 +121,16 @@ class RawVrrpSocket:
             sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, VRRP_TTL)
             sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, VRRP_TTL)
             sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 0)
+            # DSCP CS6 (network control), as keepalived marks its adverts.
+            sock.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, 0xC0)
+            # A flood of junk must not crowd real adverts out of the receive queue, and our
+            # adverts leave ahead of bulk traffic queued on the same interface.
+            # (RCVBUFFORCE, allowed with CAP_NET_ADMIN, passes net.core.rmem_max.)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 1 << 20)
+            except OSError:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_PRIORITY, 7)
             sock.setblocking(False)
         except BaseException:
             sock.close()

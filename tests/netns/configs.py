@@ -94,3 +94,34 @@ addresses = ["198.18.0.1/24"]
 instances = ["front", "back"]
 {extra_group}
 {sync_toml}"""
+
+
+def pair_front_only(node: str, *, priority: int, advert: str = "100ms",
+                    preempt: bool = True) -> str:
+    """One node of a pair with the client-side instance only: "front" (the VIP on eth0,
+    vrid 51), no "back" instance and no group. For a peer that runs just that instance
+    (keepalived in interop tests). ``node`` is "lba" or "lbb"."""
+    flag = "true" if preempt else "false"
+    return single(name=f"lb-{node}") + f"""
+[vrrp.instances.front]
+interface = "eth0"
+vrid = 51
+priority = {priority}
+advert_interval = "{advert}"
+preempt = {flag}
+addresses = ["{VIP}"]
+"""
+
+
+def iperf_service(port: int = 5201, names: tuple[str, ...] = ("s1",)) -> str:
+    """TOML to append to a config: virtual server "iperf" (VIP:port/tcp → servers:port)."""
+    return f"""
+[virtual_servers.iperf]
+address = "{VIP}"
+port = {port}
+pool = "iperf"
+scheduler = "rr"
+
+[pools.iperf]
+servers = {servers_toml(port, names)}
+"""
