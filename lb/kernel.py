@@ -125,6 +125,10 @@ class Kernel:
         for dev in ("all", tun, server_if, client_if):
             with contextlib.suppress(OSError):
                 write_sysctl(f"net.ipv4.conf.{dev}.send_redirects", "0")
+        # The LB's own kernel sends 'fragmentation needed' to a VIP when a reply does not fit
+        # the client side; translated, it re-enters through the TUN with the LB's own source
+        # address, which the kernel drops as martian unless accept_local is on.
+        write_sysctl(f"net.ipv4.conf.{tun}.accept_local", "1")
         # Answer ARP for VIPs at once instead of after a random proxy delay.
         write_sysctl(f"net.ipv4.neigh.{client_if}.proxy_delay", "0")
         with contextlib.suppress(OSError):

@@ -209,3 +209,21 @@ def test_check_config_exit_codes(tmp_path: Path) -> None:
                           text=True, check=False)
     assert proc.returncode == 1
     assert "virtual_servers.web.scheduler" in proc.stderr and str(bad) in proc.stderr
+
+
+def test_path_mtu_discovery_through_the_balancer(env: LabEnv) -> None:
+    """The client side of the LB has a smaller MTU than the servers know about. The LB's
+    kernel answers the server's too-big replies with 'fragmentation needed' addressed to the
+    VIP; lbd translates it back to the real server, which lowers its path MTU, and the
+    download completes instead of stalling in a PMTU black hole."""
+    data = hashlib.sha256(b"pmtu").digest() * (1 << 15)  # 1 MiB
+    (env.tmp / "pmtu.bin").write_bytes(data)
+    env.lab.sh("lba", "ip link set eth0 mtu 1280")
+    env.start_servers()
+    env.lbd(configs.single())
+    r = env.client("c1", "download", f"http://{VIP}/file/pmtu.bin", "--timeout", "10",
+                   timeout=60)
+    assert r["sha256"] == hashlib.sha256(data).hexdigest()
+    assert drops(scrape(env)).get("icmp_no_session", 0) == 0
+    routes = " ".join(env.lab.sh(s, "ip route show cache") for s in ("s1", "s2", "s3"))
+    assert "mtu 1280" in routes
