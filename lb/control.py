@@ -57,7 +57,12 @@ class ControlServer:
         try:
             line = await asyncio.wait_for(reader.readline(), 5)
             answer = await self.dispatch(line)
-            writer.write(json.dumps(answer).encode() + b"\n")
+            try:
+                data = json.dumps(answer)
+            except (TypeError, ValueError) as exc:  # a handler returned something not JSON
+                log.error("control answer is not JSON: %s", exc)
+                data = json.dumps({"ok": False, "error": f"internal error: {exc}"})
+            writer.write(data.encode() + b"\n")
             await writer.drain()
         except (OSError, TimeoutError, ValueError):
             pass
@@ -70,6 +75,8 @@ class ControlServer:
         try:
             req = json.loads(line)
             command = req["command"]
+            if not isinstance(command, str):
+                raise TypeError("command is not a string")
             args = [str(a) for a in req.get("args", [])]
         except (ValueError, KeyError, TypeError):
             return {"ok": False, "error": "malformed request"}

@@ -56,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"lbctl: cannot reach lbd at {ns.socket}: {exc}", file=sys.stderr)
         return 2
+    except ValueError as exc:  # closed without a (JSON) answer: not lbd, or it died
+        print(f"lbctl: cannot reach lbd at {ns.socket}: no valid answer: {exc}",
+              file=sys.stderr)
+        return 2
     if not answer.get("ok"):
         print(f"lbctl: {answer.get('error', 'failed')}", file=sys.stderr)
         return 1

@@ -172,7 +172,10 @@ class Forwarder:
         s = self.sessions.create(proto, saddr, sport, daddr, dport, server, svc, flags, now,
                                  binding)
         if s is None:
-            self.drop("table_full")
+            # Refused: the table is full, or another session owns the reverse key (the same
+            # client ip:port reaching the same server through another virtual server).
+            full = len(self.sessions) >= self.sessions.max_sessions
+            self.drop("table_full" if full else "flow_conflict")
             return None
         return s
 

@@ -109,6 +109,8 @@ class MetricsServer:
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._serve, self.host, self.port)
+        if self.port == 0 and self._server.sockets:  # an ephemeral port: tell which
+            self.port = int(self._server.sockets[0].getsockname()[1])
 
     async def stop(self) -> None:
         if self._server is not None:

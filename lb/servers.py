@@ -69,8 +69,9 @@ class RealServer:
 def candidates(servers: list[RealServer] | tuple[RealServer, ...]) -> list[RealServer]:
     """The servers a scheduler should choose among: usable primaries, else usable backups.
 
-    A primary with weight 0 counts as present but takes nothing new; backups serve only while
-    no primary is usable at all (keepalived's sorry-server / HAProxy's ``backup``).
+    A primary with weight 0 (drained) takes nothing new and so does not hold the backups back:
+    backups serve while no primary can take a new session (keepalived's sorry-server,
+    HAProxy's ``backup``).
     """
     primaries = [s for s in servers if not s.backup and s.usable() and s.effective_weight > 0]
     if primaries:

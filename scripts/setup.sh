@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 pkgs=(python3 python3-venv python3-pip iproute2 iputils-ping procps ethtool make
-      keepalived socat nginx-light iperf3 haproxy wrk tshark)
+      keepalived socat nginx-light iperf3 haproxy wrk tshark prometheus)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
@@ -16,7 +16,7 @@ if ((${#missing[@]})); then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 # The distribution starts these services on install; tests run their own instances in namespaces.
-for svc in keepalived nginx haproxy; do
+for svc in keepalived nginx haproxy prometheus; do
   systemctl disable --now "$svc" >/dev/null 2>&1 || true
 done
 
