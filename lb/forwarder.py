@@ -219,38 +219,44 @@ class Forwarder:
                 self.icmp_replies += 1
                 return FORWARD
             return self.drop("icmp_bad")
-        if icmp_type not in ICMP_ERROR_TYPES:
-            return self.drop("icmp_unsupported")
-        inner = parse_icmp_error(buf, off, l4, end)
-        if type(inner) is not tuple:
-            return self.drop("icmp_bad")
-        iproto, isrc, idst, isport, idport, iip, il4 = inner
-        # The client complains about a reply we sent it: VIP:vport → client:cport.
-        s = self.sessions.lookup((iproto << 96) | (idst << 64) | (isrc << 32)
-                                 | (idport << 16) | isport)
-        if s is None:
-            return self.drop("icmp_no_session")
-        srv = s.server
-        translate_icmp_error_from_client(buf, off, end, iip, il4, iproto, srv.addr, srv.port)
-        self.packets_in += 1
-        self.bytes_in += end - off
-        return FORWARD
+        return self._icmp_error(buf, off, l4, end, icmp_type, from_client=True)
 
     def _icmp_from_server(self, buf: bytearray, off: int, l4: int, end: int,
                           icmp_type: int) -> int:
+        return self._icmp_error(buf, off, l4, end, icmp_type, from_client=False)
+
+    def _icmp_error(self, buf: bytearray, off: int, l4: int, end: int, icmp_type: int, *,
+                    from_client: bool) -> int:
+        """Translate an ICMP error about a session so that its sender's peer understands it.
+
+        From a client it quotes a reply we sent (VIP:vport → client:cport) and goes on to the
+        real server; from a server it quotes a packet we forwarded (client:cport →
+        RIP:rport) and goes back to the client as if from the VIP. Either way the quoted
+        packet, read as arriving at the LB, gives the session's key.
+        """
         if icmp_type not in ICMP_ERROR_TYPES:
             return self.drop("icmp_unsupported")
         inner = parse_icmp_error(buf, off, l4, end)
         if type(inner) is not tuple:
             return self.drop("icmp_bad")
         iproto, isrc, idst, isport, idport, iip, il4 = inner
-        # About a packet we forwarded: client:cport → RIP:rport.
-        s = self.sessions.lookup_reply((iproto << 96) | (idst << 64) | (isrc << 32)
-                                       | (idport << 16) | isport)
-        if s is None:
-            return self.drop("icmp_no_session")
-        svc = s.service
-        translate_icmp_error_from_server(buf, off, end, iip, il4, iproto, svc.vaddr, svc.vport)
-        self.packets_out += 1
-        self.bytes_out += end - off
+        key = (iproto << 96) | (idst << 64) | (isrc << 32) | (idport << 16) | isport
+        if from_client:
+            s = self.sessions.lookup(key)
+            if s is None:
+                return self.drop("icmp_no_session")
+            srv = s.server
+            translate_icmp_error_from_client(buf, off, end, iip, il4, iproto, srv.addr,
+                                             srv.port)
+            self.packets_in += 1
+            self.bytes_in += end - off
+        else:
+            s = self.sessions.lookup_reply(key)
+            if s is None:
+                return self.drop("icmp_no_session")
+            svc = s.service
+            translate_icmp_error_from_server(buf, off, end, iip, il4, iproto, svc.vaddr,
+                                             svc.vport)
+            self.packets_out += 1
+            self.bytes_out += end - off
         return FORWARD
