@@ -1,0 +1,220 @@
+"""``python -m bench``: run the benchmarks, print one table of figures and ratios.
+
+    python -m bench [--only throughput,pps,cps,memory] [--systems lbd,kernel,haproxy]
+                    [--duration 3] [--rounds 3] [--json PATH]
+                    [--sessions 1000000] [--conns 32] [--streams 4]
+
+Network figures are measured in namespaces (bench.netbench, needs root): every system gets a
+lab of its own, all are set up first, then each is measured once per round, the systems taking
+turns, and a figure is the median of its rounds — so a disturbance (another job on the box)
+hits all systems alike instead of one. The memory figure is measured in-process
+(bench.memory). Benchmarks report, they do not judge: the exit status is 0 when
+every selected figure was measured, 1 when one could not be (a tool missing, a system that did
+not start), whatever the ratios. Everything started is killed and every namespace deleted at
+the end, also on Ctrl-C, SIGTERM or an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from bench import memory, netbench
+from bench.report import Check, Figure, as_json, table
+
+BENCHES = ("throughput", "pps", "cps", "memory")
+SYSTEMS_ORDER = ("kernel", "haproxy", "lbd")
+
+
+def make_figures(benches: Sequence[str], plan: netbench.Plan, sessions: int) -> list[Figure]:
+    tput_checks = (Check("haproxy", ">=", 1.0), Check("kernel", ">=", 0.5))
+    figs: list[Figure] = []
+    if "throughput" in benches:
+        figs.append(Figure("tcp_1", "TCP throughput, 1 stream", "Gbit/s", True, tput_checks))
+        if plan.streams > 1:
+            figs.append(Figure(f"tcp_{plan.streams}",
+                               f"TCP throughput, {plan.streams} streams", "Gbit/s", True,
+                               tput_checks))
+    if "pps" in benches:
+        figs.append(Figure("udp_pps", f"UDP {netbench.UDP_PAYLOAD} B datagrams received",
+                           "pkt/s", True, (Check("kernel"),)))
+    if "cps" in benches:
+        figs.append(Figure("cps", "New TCP connections (HTTP, Connection: close)", "conn/s",
+                           True, (Check("haproxy", ">=", 0.8),)))
+    if "memory" in benches:
+        figs.append(Figure("mem_session", f"Memory per session ({sessions:,} sessions)",
+                           "B", False, (Check(None, "<=", 400.0),)))
+    return figs
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    ap.add_argument("--only", default=",".join(BENCHES),
+                    help=f"comma-separated subset of {','.join(BENCHES)} (default: all)")
+    ap.add_argument("--systems", default=",".join(SYSTEMS_ORDER),
+                    help="comma-separated subset of lbd,kernel,haproxy (default: all)")
+    ap.add_argument("--duration", type=float, default=3.0,
+                    help="seconds per client run (iperf3, wrk); default 3")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="measurements per figure and system, interleaved; the median is "
+                         "reported; default 3")
+    ap.add_argument("--sessions", type=int, default=1_000_000,
+                    help="sessions for the memory figure; default 1,000,000")
+    ap.add_argument("--conns", type=int, default=32,
+                    help="wrk's concurrent connections; default 32")
+    ap.add_argument("--streams", type=int, default=4,
+                    help="iperf3 parallel streams of the second TCP figure (<2: skip it)")
+    ap.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
+    args = ap.parse_args(argv)
+    args.benches = _subset(ap, "--only", args.only, BENCHES)
+    args.system_list = _subset(ap, "--systems", args.systems, SYSTEMS_ORDER)
+    if not 1 <= args.duration <= 60:
+        ap.error("--duration must be between 1 and 60 seconds")
+    if not 1 <= args.rounds <= 20:
+        ap.error("--rounds must be between 1 and 20")
+    if not 1 <= args.sessions <= 5_000_000:
+        ap.error("--sessions must be between 1 and 5,000,000")
+    if not 1 <= args.conns <= 1000:
+        ap.error("--conns must be between 1 and 1000")
+    return args
+
+
+def _subset(ap: argparse.ArgumentParser, flag: str, value: str,
+            allowed: Sequence[str]) -> tuple[str, ...]:
+    chosen = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [v for v in chosen if v not in allowed]
+    if unknown or not chosen:
+        ap.error(f"{flag}: choose from {','.join(allowed)} (got {value!r})")
+    return tuple(v for v in allowed if v in chosen)  # canonical order
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def progress(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with it ignored
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGHUP, _terminate)
+    plan = netbench.Plan(tuple(b for b in args.benches if b != "memory"), args.duration,
+                         rounds=args.rounds, conns=args.conns, streams=args.streams)
+    figures = make_figures(args.benches, plan, args.sessions)
+    by_key = {f.key: f for f in figures}
+    started = time.monotonic()
+    others = _other_namespaces()
+    load_before = os.getloadavg()[0]
+    if others:
+        progress(f"warning: {len(others)} other network namespaces exist (tests running?); "
+                 "their load disturbs the figures")
+    try:
+        if plan.benches:
+            _network(args.system_list, plan, by_key)
+        if "memory" in args.benches:
+            _memory(args.sessions, by_key["mem_session"])
+    except KeyboardInterrupt:
+        progress("interrupted: everything started was stopped and the namespaces deleted")
+        return 130
+    meta = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "cpus": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "duration_per_run_s": args.duration,
+        "rounds": args.rounds,
+        "other_namespaces": others,
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg()[0],
+        "wrk_connections": args.conns,
+        "wall_s": round(time.monotonic() - started, 1),
+    }
+    print()
+    print(f"lbd benchmarks — {meta['cpus']} CPUs, Linux {meta['kernel']}, "
+          f"{args.rounds} x {args.duration:g} s per figure and system (median), "
+          f"{meta['wall_s']} s in all, load average {load_before:.2f} before, "
+          f"{meta['loadavg_after']:.2f} after")
+    if others:
+        print(f"warning: {len(others)} other network namespaces existed when the run began; "
+              "whatever runs in them competes for the CPUs")
+    print(table(figures))
+    if args.json:
+        args.json.write_text(json.dumps(as_json(figures, meta), indent=2) + "\n")
+        print(f"\nresults written to {args.json}")
+    return 1 if any(f.errors for f in figures) else 0
+
+
+def _network(systems: Sequence[str], plan: netbench.Plan, by_key: dict[str, Figure]) -> None:
+    wanted = [s for s in systems if any(s in netbench.NEEDS[b] for b in plan.benches)]
+    if os.geteuid() != 0 or netbench.which("ip") is None:
+        why = "needs root" if os.geteuid() != 0 else "iproute2 (ip) is not installed"
+        for system in wanted:
+            for bench in plan.benches:
+                if system in netbench.NEEDS[bench]:
+                    for key in netbench.figure_keys(bench, plan):
+                        by_key[key].errors[system] = why
+        return
+    with tempfile.TemporaryDirectory(prefix="lbd-bench-") as tmpdir, \
+            netbench.Systems() as labs:
+        for name in wanted:
+            progress(f"{name}: setting up its lab")
+            for key, error in labs.start(name, plan, Path(tmpdir) / name).items():
+                by_key[key].errors[name] = error
+        failed: set[tuple[str, str]] = set()
+        for rnd in range(plan.rounds):
+            for bench in plan.benches:
+                # Systems take turns, starting with a different one each round.
+                turn = [s for s in labs.ready if bench in s.benches]
+                turn = turn[rnd % len(turn):] + turn[:rnd % len(turn)] if turn else []
+                for ready in turn:
+                    if (ready.name, bench) in failed:
+                        continue
+                    progress(f"round {rnd + 1}/{plan.rounds}: {bench} through {ready.name}")
+                    try:
+                        values, notes = netbench.measure(ready, bench, plan)
+                    except netbench.BenchError as exc:
+                        failed.add((ready.name, bench))
+                        for key in netbench.figure_keys(bench, plan):
+                            by_key[key].errors[ready.name] = f"round {rnd + 1}: {exc}"
+                        continue
+                    for key, value in values.items():
+                        by_key[key].add_sample(ready.name, value)
+                        if rnd == 0:
+                            by_key[key].notes.extend(f"{ready.name}: {n}" for n in notes)
+        progress("tearing the labs down")
+
+
+def _memory(sessions: int, fig: Figure) -> None:
+    progress(f"memory: {sessions:,} sessions under tracemalloc")
+    try:
+        result = memory.measure(sessions)
+    except (ImportError, RuntimeError, TypeError, ValueError) as exc:
+        fig.errors["lbd"] = f"{exc.__class__.__name__}: {exc}"
+        return
+    fig.values["lbd"] = result.bytes_per_session
+    fig.notes.append(f"{result.bytes_total / 2**20:,.0f} MiB traced for {result.sessions:,} "
+                     f"sessions, built in {result.seconds:.1f} s")
+
+
+def _other_namespaces() -> list[str]:
+    """Network namespaces that exist before the run (other labs or tests), by name."""
+    try:
+        out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
+                             timeout=10, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
