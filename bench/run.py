@@ -30,10 +30,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from bench import memory, netbench
+from bench import failover, memory, netbench
 from bench.report import Check, Figure, as_json, table
 
-BENCHES = ("throughput", "pps", "cps", "memory")
+BENCHES = ("throughput", "pps", "cps", "memory", "failover")
 SYSTEMS_ORDER = ("kernel", "haproxy", "lbd")
 
 
@@ -52,6 +52,9 @@ def make_figures(benches: Sequence[str], plan: netbench.Plan, sessions: int) -> 
     if "cps" in benches:
         figs.append(Figure("cps", "New TCP connections (HTTP, Connection: close)", "conn/s",
                            True, (Check("haproxy", ">=", 0.8),)))
+    if "failover" in benches:
+        figs.append(Figure("failover", "Failover seen by a client (SIGKILL → first good "
+                           "request, 100 ms adverts)", "s", False, (Check(None, "<=", 0.5),)))
     if "memory" in benches:
         figs.append(Figure("mem_session", f"Memory per session ({sessions:,} sessions)",
                            "B", False, (Check(None, "<=", 400.0),)))
@@ -112,7 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with it ignored
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGHUP, _terminate)
-    plan = netbench.Plan(tuple(b for b in args.benches if b != "memory"), args.duration,
+    plan = netbench.Plan(tuple(b for b in args.benches if b not in ("memory", "failover")),
+                         args.duration,
                          rounds=args.rounds, conns=args.conns, streams=args.streams)
     figures = make_figures(args.benches, plan, args.sessions)
     by_key = {f.key: f for f in figures}
@@ -127,6 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _network(args.system_list, plan, by_key)
         if "memory" in args.benches:
             _memory(args.sessions, by_key["mem_session"])
+        if "failover" in args.benches:
+            _failover(args.rounds, by_key["failover"])
     except KeyboardInterrupt:
         progress("interrupted: everything started was stopped and the namespaces deleted")
         return 130
@@ -208,6 +214,19 @@ def _memory(sessions: int, fig: Figure) -> None:
     fig.values["lbd"] = result.bytes_per_session
     fig.notes.append(f"{result.bytes_total / 2**20:,.0f} MiB traced for {result.sessions:,} "
                      f"sessions, built in {result.seconds:.1f} s")
+
+
+def _failover(rounds: int, fig: Figure) -> None:
+    if os.geteuid() != 0:
+        fig.errors["lbd"] = "needs root"
+        return
+    for rnd in range(rounds):
+        progress(f"round {rnd + 1}/{rounds}: failover of an lbd pair")
+        try:
+            fig.add_sample("lbd", failover.one_round())
+        except (RuntimeError, OSError, subprocess.SubprocessError, TimeoutError) as exc:
+            fig.errors["lbd"] = f"round {rnd + 1}: {exc.__class__.__name__}: {exc}"
+            return
 
 
 def _other_namespaces() -> list[str]:

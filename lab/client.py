@@ -3,6 +3,7 @@
     python -m lab.client get URL [--count N] [--timeout S]     → {"answers": ["s1", ...]}
     python -m lab.client udp HOST PORT [--count N]            → {"answers": ["s1:ping0", ...]}
     python -m lab.client download URL                          → {"bytes": N, "sha256": HEX}
+    python -m lab.client probe URL --timeout S --duration S    → {"attempts": [[t, ok], ...]}
     python -m lab.client hold HOST PORT --count N              → holds N connections open
         prints {"held": N} once they are established, then waits until stdin closes or it is
         killed; writes "ping\\n" on every held connection when it reads a line "send", and
@@ -63,6 +64,21 @@ def cmd_download(args: argparse.Namespace) -> dict[str, object]:
     return {"bytes": n, "sha256": h.hexdigest()}
 
 
+def cmd_probe(args: argparse.Namespace) -> dict[str, object]:
+    """Ask again and again, each request with a short timeout, for ``duration`` seconds;
+    report each attempt's start (CLOCK_MONOTONIC, shared by all namespaces) and outcome."""
+    attempts: list[tuple[float, bool]] = []
+    end = time.monotonic() + args.duration
+    while time.monotonic() < end:
+        started = time.monotonic()
+        ok = not http_get(args.url, args.timeout).startswith(("error", "http "))
+        attempts.append((round(started, 4), ok))
+        if not ok:
+            # A refused connection returns at once: do not spin.
+            time.sleep(max(0.0, args.timeout - (time.monotonic() - started)))
+    return {"attempts": attempts}
+
+
 def cmd_hold(args: argparse.Namespace) -> dict[str, object]:
     conns = []
     for _ in range(args.count):
@@ -102,15 +118,19 @@ def main() -> None:
     u.add_argument("--count", type=int, default=1)
     d = sub.add_parser("download")
     d.add_argument("url")
+    pr = sub.add_parser("probe")
+    pr.add_argument("url")
+    pr.add_argument("--duration", type=float, default=10.0)
     h = sub.add_parser("hold")
     h.add_argument("host")
     h.add_argument("port", type=int)
     h.add_argument("--count", type=int, default=1)
-    for p in (g, u, d, h):
+    for p in (g, u, d, pr, h):
         p.add_argument("--timeout", type=float, default=5.0)
     args = ap.parse_args()
     started = time.monotonic()
-    fn = {"get": cmd_get, "udp": cmd_udp, "download": cmd_download, "hold": cmd_hold}[args.cmd]
+    fn = {"get": cmd_get, "udp": cmd_udp, "download": cmd_download, "probe": cmd_probe,
+          "hold": cmd_hold}[args.cmd]
     result = fn(args)
     result["seconds"] = round(time.monotonic() - started, 3)
     print(json.dumps(result), flush=True)
