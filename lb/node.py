@@ -140,9 +140,11 @@ class Node:
         dp = cfg.dataplane
         self.kernel = await Kernel.open(route_table=dp.route_table,
                                         rule_priority=dp.rule_priority)
-        for ifname in (dp.client_interface, dp.server_interface):
+        for key, ifname in (("client_interface", dp.client_interface),
+                            ("server_interface", dp.server_interface)):
             if await self.kernel.ifindex(ifname) is None:
-                raise RuntimeError(f"{cfg.source}: dataplane: interface {ifname!r} not found")
+                raise RuntimeError(
+                    f"{cfg.source}: dataplane.{key}: interface {ifname!r} not found")
         removed = await self.kernel.remove_leftovers()
         if removed:
             log.info("removed %d leftover kernel entries of an earlier lbd", removed)

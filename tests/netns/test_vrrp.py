@@ -200,3 +200,24 @@ def test_track_pool_lowers_priority(env: LabEnv) -> None:
         (env.tmp / f"{name}.status").unlink()
     wait_states(a, "MASTER", timeout=10)
     assert a.ctl("vrrp")["front"]["priority"] == 200
+
+
+def test_missing_interface_is_an_error_at_start_and_a_fault_at_run_time(env: LabEnv) -> None:
+    env.start_servers()
+    bad = env.lbd(configs.pair("lba", priority=200).replace(
+        '[vrrp.instances.front]\ninterface = "eth0"',
+        '[vrrp.instances.front]\ninterface = "eth9"'), "lba", start=False)
+    bad.start(wait=False)
+    assert bad.proc is not None and bad.proc.wait(20) == 1
+    assert "vrrp.instances.front.interface: interface 'eth9' not found" in bad.log_text()
+    # At run time a tracked interface that disappears is a FAULT, never a crash.
+    env.lab.sh("lba", "ip link add trk0 type veth peer name trk1")
+    env.lab.sh("lba", "ip link set trk0 up")
+    env.lab.sh("lba", "ip link set trk1 up")
+    a = env.lbd(configs.pair("lba", priority=200, extra_instance='track_interfaces = ["trk0"]'),
+                "lba")
+    wait_states(a, "MASTER")
+    env.lab.sh("lba", "ip link del trk0")
+    wait_states(a, "FAULT")
+    assert a.proc is not None and a.proc.poll() is None
+    assert "198.18.0.1/24" not in env.lab.sh("lba", "ip -4 addr show eth1")
