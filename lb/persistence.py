@@ -13,10 +13,10 @@ considered absent from that instant on (``now >= expiry``): :meth:`PersistenceTa
 removes it, and :meth:`PersistenceTable.expire` removes it no later than one ``tick`` after the
 expiry, provided it is called every tick.
 
-Expiry uses a hashed timing wheel keyed by absolute slot (``floor(t / tick)``) with lazy
-re-filing: attaching or releasing never touches the wheel; a sweep that finds a binding still
-in use, or used since it was filed, files it again at its new expiry. A binding is therefore
-always filed no later than its true expiry, and each is touched O(1) times per ``timeout``.
+Expiry uses a :class:`lb.wheel.TimingWheel` with lazy re-filing: attaching or releasing never
+touches the wheel; a sweep that finds a binding still in use (due again one ``timeout`` later),
+or used since it was filed, files it again at its new expiry. A binding is therefore always
+filed no later than its true expiry, and each is touched O(1) times per ``timeout``.
 
 Pure: time is always the ``now`` argument.
 """
@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from typing import Final, Generic, Protocol, TypeVar
 
 from lb.servers import RealServer
+from lb.wheel import UNFILED, TimingWheel
 
 __all__ = [
     "Binding",
@@ -37,7 +38,6 @@ __all__ = [
 
 S = TypeVar("S")
 
-_DEAD: Final = -1  # wheel slot of a binding that is no longer in its table
 _INF: Final = float("inf")
 
 
@@ -82,7 +82,7 @@ class Binding(Generic[S]):
         self.refs = 0
         self.idle_since = now
         self.last_used = now
-        self._slot = _DEAD
+        self._slot = UNFILED  # owned by the table's TimingWheel; UNFILED when not in it
 
     def attach(self, now: float) -> None:
         """A session starts using this binding."""
@@ -105,7 +105,7 @@ class Binding(Generic[S]):
     @property
     def in_table(self) -> bool:
         """Still held by its table (False once unbound, expired, or never stored)."""
-        return self._slot != _DEAD
+        return self._slot != UNFILED
 
     def __repr__(self) -> str:
         return (
@@ -128,6 +128,13 @@ class PersistenceObserver(Protocol[S]):
     def binding_removed(self, b: Binding[S], reason: str) -> None: ...
 
 
+def _due(b: Binding[S], now: float) -> float:
+    """When the wheel should look at ``b`` again: its expiry, or a ``timeout`` on if in use."""
+    if b.refs > 0:
+        return now + b.timeout
+    return max(b.idle_since, b.last_used) + b.timeout
+
+
 def _key(service: object, client_net: int) -> int:
     # A live binding holds its service, so the service's id() cannot be reused meanwhile.
     return (id(service) << 32) | client_net
@@ -147,15 +154,11 @@ class PersistenceTable(Generic[S]):
         observer: PersistenceObserver[S] | None = None,
         max_bindings: int = 1 << 20,
     ) -> None:
-        if tick <= 0:
-            raise ValueError("tick must be positive")
+        self._wheel: TimingWheel[Binding[S]] = TimingWheel(tick, _due)
         self.tick = tick
         self.observer = observer
         self.max_bindings = max_bindings
-        self._inv_tick = 1.0 / tick
         self._map: dict[int, Binding[S]] = {}
-        self._wheel: dict[int, list[Binding[S]]] = {}
-        self._cursor = 0  # first wheel slot not yet fully swept
         self.bound_total = 0
         self.installed_total = 0
         self.expired_total = 0
@@ -177,7 +180,8 @@ class PersistenceTable(Generic[S]):
         if b is None:
             return None
         if b.refs == 0 and max(b.idle_since, b.last_used) + b.timeout <= now:
-            self._remove(b, "expired")
+            self._wheel.discard(b)
+            self._drop(b, "expired")
             self.expired_total += 1
             return None
         return b
@@ -201,7 +205,7 @@ class PersistenceTable(Generic[S]):
             shorter = timeout < b.timeout
             b.timeout = timeout
             if shorter:
-                self._file(b, max(b.idle_since, b.last_used) + timeout, earlier_only=True)
+                self._wheel.file_earlier(b, max(b.idle_since, b.last_used) + timeout)
             if changed and self.observer is not None:
                 self.observer.binding_changed(b)
             return b
@@ -210,7 +214,7 @@ class PersistenceTable(Generic[S]):
             self.full_drops += 1
             return b
         self._map[_key(service, client_net)] = b
-        self._file(b, now + timeout)
+        self._wheel.file(b, now + timeout)
         self.bound_total += 1
         if self.observer is not None:
             self.observer.binding_added(b)
@@ -235,8 +239,8 @@ class PersistenceTable(Generic[S]):
 
     def unbind(self, b: Binding[S], reason: str) -> None:
         """Remove ``b`` from the table now (sessions using it keep it). Idempotent."""
-        if b.in_table:
-            self._remove(b, reason)
+        if self._wheel.discard(b):
+            self._drop(b, reason)
 
     def install(
         self,
@@ -259,7 +263,7 @@ class PersistenceTable(Generic[S]):
                 return None
             b = Binding(service, client_net, server, timeout, last_used)
             self._map[_key(service, client_net)] = b
-            self._file(b, last_used + timeout)
+            self._wheel.file(b, last_used + timeout)
             self.installed_total += 1
             if self.observer is not None:
                 self.observer.binding_added(b)
@@ -268,7 +272,7 @@ class PersistenceTable(Generic[S]):
         b.server = server
         b.timeout = timeout
         b.last_used = max(b.last_used, last_used)
-        self._file(b, max(b.idle_since, b.last_used) + timeout, earlier_only=True)
+        self._wheel.file_earlier(b, max(b.idle_since, b.last_used) + timeout)
         if changed and self.observer is not None:
             self.observer.binding_changed(b)
         return b
@@ -280,83 +284,17 @@ class PersistenceTable(Generic[S]):
         never before its expiry. With the budget spent, the next call resumes where it
         stopped.
         """
-        inv = self._inv_tick
-        last = int(now * inv)
-        wheel = self._wheel
-        cursor = self._cursor
-        if last < cursor:
-            return 0
-        slots: range | list[int]
-        if last - cursor > len(wheel):  # a long gap: visit only the slots that hold something
-            slots = sorted(k for k in wheel if cursor <= k <= last)
-        else:
-            slots = range(cursor, last + 1)
-        touched = 0
-        expired = 0
-        for slot in slots:
-            bucket = wheel.pop(slot, None)
-            if bucket is None:
-                continue
-            keep: list[Binding[S]] = []
-            i = 0
-            n = len(bucket)
-            while i < n and touched < budget:
-                b = bucket[i]
-                i += 1
-                touched += 1
-                if b._slot != slot:  # removed, or filed again elsewhere
-                    continue
-                if b.refs > 0:  # in use: look again one timeout from now
-                    due = now + b.timeout
-                else:
-                    due = max(b.idle_since, b.last_used) + b.timeout
-                    if due <= now:
-                        self._remove(b, "expired")
-                        expired += 1
-                        continue
-                k = int(due * inv)
-                if k == slot:  # only in the current slot: not due yet within it
-                    keep.append(b)
-                else:
-                    b._slot = k
-                    other = wheel.get(k)
-                    if other is None:
-                        wheel[k] = [b]
-                    else:
-                        other.append(b)
-            if i < n:
-                keep[0:0] = bucket[i:]
-            if keep:
-                existing = wheel.get(slot)
-                if existing is None:
-                    wheel[slot] = keep
-                else:
-                    existing.extend(keep)
-            if i < n:  # budget spent inside this slot
-                self._cursor = slot
-                self.expired_total += expired
-                return expired
-        self._cursor = last
-        self.expired_total += expired
-        return expired
+        due = self._wheel.sweep(now, budget)
+        for b in due:
+            self._drop(b, "expired")
+        self.expired_total += len(due)
+        return len(due)
 
     # --- internals -----------------------------------------------------------------------
 
-    def _file(self, b: Binding[S], due: float, earlier_only: bool = False) -> None:
-        k = int(due * self._inv_tick)
-        k = max(k, self._cursor)
-        if earlier_only and k >= b._slot:
-            return
-        b._slot = k
-        bucket = self._wheel.get(k)
-        if bucket is None:
-            self._wheel[k] = [b]
-        else:
-            bucket.append(b)
-
-    def _remove(self, b: Binding[S], reason: str) -> None:
+    def _drop(self, b: Binding[S], reason: str) -> None:
+        """Take ``b``, already out of the wheel, out of the table."""
         del self._map[_key(b.service, b.client_net)]
-        b._slot = _DEAD
         self.removed_total += 1
         if self.observer is not None:
             self.observer.binding_removed(b, reason)

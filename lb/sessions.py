@@ -23,14 +23,14 @@ SYN_RECV; anything else is a flow picked up mid-stream, e.g. after a failover, a
 as ESTABLISHED before the packet's own event applies); LAST_ACK, unreachable in IPVS's table
 too, only arrives through :meth:`SessionTable.install`.
 
-Expiry is a hashed timing wheel keyed by absolute slot ``floor(t / tick)``, with lazy
-re-filing. A packet only writes ``last_seen``; a state change that shortens the deadline files
-the session again, earlier; a sweep that meets a session whose deadline moved files it at the
-new one. So every session is filed in a slot no later than its deadline's, and a sweep at
-``now`` that finishes removes every session whose deadline is ``<= now``: with a sweep every
-tick, removal happens in ``[deadline, deadline + tick)``. Each session is touched O(1) times per
-timeout period. A removed session stays referenced from its wheel slot until that slot is
-swept (at most its deadline), so memory follows the connection rate times the timeouts.
+Expiry is a :class:`lb.wheel.TimingWheel` with lazy re-filing, the due time being the
+deadline ``last_seen + timeout(state)``. A packet only writes ``last_seen``; a state change
+that shortens the deadline files the session again, earlier; a sweep that meets a session
+whose deadline moved files it at the new one. A sweep at ``now`` that finishes removes every
+session whose deadline is ``<= now``: with a sweep every tick, removal happens in
+``[deadline, deadline + tick)``. A removed session stays referenced from its wheel slot until
+that slot is swept (at most its deadline), so memory follows the connection rate times the
+timeouts.
 
 Pure: time is always the ``now`` argument; no I/O.
 """
@@ -45,6 +45,7 @@ from typing import Final, Generic, Protocol, TypeVar
 
 from lb.persistence import Binding
 from lb.servers import RealServer
+from lb.wheel import UNFILED, TimingWheel
 
 __all__ = [
     "IPPROTO_TCP",
@@ -77,7 +78,6 @@ _EVENT_BITS: Final = TCP_FIN | TCP_SYN | TCP_RST | TCP_ACK  # 0x17: what the tab
 
 _U32: Final = 0xFFFFFFFF
 _U16: Final = 0xFFFF
-_DEAD: Final = -1  # wheel slot of a removed session
 
 
 def flow_key(proto: int, saddr: int, sport: int, daddr: int, dport: int) -> int:
@@ -227,7 +227,7 @@ class Session(Generic[S]):
         self.state = state
         self.last_seen = last_seen
         self.binding = binding
-        self._slot = _DEAD  # timing-wheel slot; _DEAD once removed
+        self._slot = UNFILED  # owned by the table's TimingWheel; UNFILED once removed
 
     # Derived from the keys: for APIs and tests, not the hot path.
     @property
@@ -265,7 +265,7 @@ class Session(Generic[S]):
     @property
     def in_table(self) -> bool:
         """False once the session was removed from its table."""
-        return self._slot != _DEAD
+        return self._slot != UNFILED
 
     def __repr__(self) -> str:
         return (
@@ -310,8 +310,13 @@ class SessionTable(Generic[S]):
         tick: float = 0.1,
         observer: SessionObserver[S] | None = None,
     ) -> None:
-        if tick <= 0:
-            raise ValueError("tick must be positive")
+        timeout_of = tuple(timeouts.timeout(st) for st in TcpState)
+
+        def deadline(s: Session[S], now: float) -> float:  # deadline(), without self lookups
+            return s.last_seen + timeout_of[s.state]
+
+        self._wheel: TimingWheel[Session[S]] = TimingWheel(tick, deadline)
+        self._timeout_of = timeout_of
         self.timeouts = timeouts
         self.max_sessions = max_sessions
         self.tick = tick
@@ -320,10 +325,6 @@ class SessionTable(Generic[S]):
         self._rev: dict[int, Session[S]] = {}
         self.lookup = self._fwd.get
         self.lookup_reply = self._rev.get
-        self._timeout_of: tuple[float, ...] = tuple(timeouts.timeout(st) for st in TcpState)
-        self._inv_tick = 1.0 / tick
-        self._wheel: dict[int, list[Session[S]]] = {}
-        self._cursor = 0  # first wheel slot not yet fully swept
         self.created_total = 0
         self.installed_total = 0
         self.expired_total = 0
@@ -424,7 +425,7 @@ class SessionTable(Generic[S]):
         if binding is not None:
             binding.attach(now)
         self.created_total += 1
-        self._file(s, now + self._timeout_of[state])
+        self._wheel.file(s, now + self._timeout_of[state])
         if self.observer is not None:
             self.observer.session_added(s)
         return s
@@ -473,7 +474,7 @@ class SessionTable(Generic[S]):
             if binding is not None:
                 binding.attach(last_seen)
             self.installed_total += 1
-            self._file(s, last_seen + self._timeout_of[state])
+            self._wheel.file(s, last_seen + self._timeout_of[state])
             if self.observer is not None:
                 self.observer.session_added(s)
             return s
@@ -500,16 +501,33 @@ class SessionTable(Generic[S]):
         if state != s.state:
             s.state = state
             changed = True
-            self._file(s, s.last_seen + self._timeout_of[state], earlier_only=True)
+            self._wheel.file_earlier(s, s.last_seen + self._timeout_of[state])
         if changed and self.observer is not None:
             self.observer.session_changed(s)
         return s
 
     def remove(self, s: Session[S], reason: str, now: float) -> None:
         """Remove ``s`` (reason e.g. "reused", "reset", "peer"); idempotent."""
-        if s._slot == _DEAD:
-            return
-        s._slot = _DEAD
+        if self._wheel.discard(s):
+            self._drop(s, reason, now)
+
+    def expire(self, now: float, budget: int = 1000) -> int:
+        """Remove the sessions whose deadline is ``<= now`` (reason "expired").
+
+        Touches at most ``budget`` sessions; the next call resumes where this one stopped.
+        Called every ``tick``, it removes each session within a tick after its deadline, and
+        never before. Returns how many it removed.
+        """
+        due = self._wheel.sweep(now, budget)
+        for s in due:
+            self._drop(s, "expired", now)
+        self.expired_total += len(due)
+        return len(due)
+
+    # --- internals -----------------------------------------------------------------------
+
+    def _drop(self, s: Session[S], reason: str, now: float) -> None:
+        """Take ``s``, already out of the wheel, out of everything else."""
         del self._fwd[s.fkey]
         del self._rev[s.rkey]
         s.server.active -= 1
@@ -519,89 +537,10 @@ class SessionTable(Generic[S]):
         if self.observer is not None:
             self.observer.session_removed(s, reason)
 
-    def expire(self, now: float, budget: int = 1000) -> int:
-        """Remove the sessions whose deadline is ``<= now`` (reason "expired").
-
-        Touches at most ``budget`` sessions; the next call resumes where this one stopped.
-        Called every ``tick``, it removes each session within a tick after its deadline, and
-        never before. Returns how many it removed.
-        """
-        inv = self._inv_tick
-        last = int(now * inv)
-        wheel = self._wheel
-        cursor = self._cursor
-        if last < cursor:
-            return 0
-        timeout_of = self._timeout_of
-        slots: range | list[int]
-        if last - cursor > len(wheel):  # a long gap: visit only the slots that hold something
-            slots = sorted(k for k in wheel if cursor <= k <= last)
-        else:
-            slots = range(cursor, last + 1)
-        touched = 0
-        expired = 0
-        for slot in slots:
-            bucket = wheel.pop(slot, None)
-            if bucket is None:
-                continue
-            keep: list[Session[S]] = []
-            i = 0
-            n = len(bucket)
-            while i < n and touched < budget:
-                s = bucket[i]
-                i += 1
-                touched += 1
-                if s._slot != slot:  # removed, or filed again elsewhere
-                    continue
-                due = s.last_seen + timeout_of[s.state]
-                if due <= now:
-                    self.remove(s, "expired", now)
-                    expired += 1
-                    continue
-                k = int(due * inv)
-                if k == slot:  # only in the current slot: not due yet within it
-                    keep.append(s)
-                else:
-                    s._slot = k
-                    other = wheel.get(k)
-                    if other is None:
-                        wheel[k] = [s]
-                    else:
-                        other.append(s)
-            if i < n:
-                keep[0:0] = bucket[i:]
-            if keep:
-                existing = wheel.get(slot)
-                if existing is None:
-                    wheel[slot] = keep
-                else:
-                    existing.extend(keep)
-            if i < n:  # budget spent inside this slot
-                self._cursor = slot
-                self.expired_total += expired
-                return expired
-        self._cursor = last
-        self.expired_total += expired
-        return expired
-
-    # --- internals -----------------------------------------------------------------------
-
     def _set_state(self, s: Session[S], new: int, now: float) -> None:
-        if s._slot == _DEAD:  # a stale reference to a removed session: nothing to track
+        if s._slot == UNFILED:  # a stale reference to a removed session: nothing to track
             return
         s.state = new
-        self._file(s, now + self._timeout_of[new], earlier_only=True)
+        self._wheel.file_earlier(s, now + self._timeout_of[new])
         if self.observer is not None:
             self.observer.session_changed(s)
-
-    def _file(self, s: Session[S], due: float, earlier_only: bool = False) -> None:
-        k = int(due * self._inv_tick)
-        k = max(k, self._cursor)
-        if earlier_only and k >= s._slot:
-            return
-        s._slot = k
-        bucket = self._wheel.get(k)
-        if bucket is None:
-            self._wheel[k] = [s]
-        else:
-            bucket.append(s)
