@@ -10,7 +10,6 @@ conf/node-a.toml and conf/node-b.toml as shipped (100 ms adverts).
 from __future__ import annotations
 
 import json
-import re
 import signal
 import subprocess
 import sys
@@ -18,19 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from lab.harness import ENV, LabEnv
+from lab.harness import ENV, LabEnv, shipped_node_config
 from lab.topology import VIP, Lab, build, wait_until
 
-REPO = Path(__file__).resolve().parents[1]
 PROBE_TIMEOUT = 0.05
-
-
-def node_config(name: str, tmp: Path) -> str:
-    text = (REPO / "conf" / f"{name}.toml").read_text()
-    text = text.replace("[node]\n", '[node]\ncontrol_socket = "@SOCKET@"\n', 1)
-    key = tmp / "sync.key"
-    key.write_text("bench-sync-key\n")
-    return re.sub(r'key_file = "[^"]*"', f'key_file = "{key}"', text)
 
 
 def vrrp_states(env: LabEnv, idx: int) -> set[str]:
@@ -45,8 +35,8 @@ def one_round() -> float:
         with tempfile.TemporaryDirectory(prefix="lbd-failover-") as tmp:
             env = LabEnv(lab, Path(tmp))
             env.start_servers()
-            a = env.lbd(node_config("node-a", env.tmp), "lba")
-            env.lbd(node_config("node-b", env.tmp), "lbb")
+            a = env.lbd(shipped_node_config("node-a", env.tmp), "lba")
+            env.lbd(shipped_node_config("node-b", env.tmp), "lbb")
             wait_until(lambda: vrrp_states(env, 0) == {"MASTER"}
                        and vrrp_states(env, 1) == {"BACKUP"}, timeout=15, what="the election")
             # Warm the client's ARP entry and the servers' checks.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal as _signal
 import subprocess
 import sys
@@ -107,3 +108,13 @@ class LabEnv:
         return proc
 
     servers: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+
+def shipped_node_config(name: str, tmp: Path) -> str:
+    """conf/NAME.toml as shipped, with its control socket left for :meth:`LabEnv.lbd` to place
+    and its sync key file in ``tmp``: the lab and the benchmarks run the example configs."""
+    text = (REPO / "conf" / f"{name}.toml").read_text()
+    text = text.replace("[node]\n", '[node]\ncontrol_socket = "@SOCKET@"\n', 1)
+    key = tmp / "sync.key"
+    key.write_text("lab-sync-key\n")
+    return re.sub(r'key_file = "[^"]*"', f'key_file = "{key}"', text)

@@ -399,16 +399,21 @@ class LeastConnections:
         self._start = self._start % len(self._servers) if self._servers else 0
         return 0
 
+    @staticmethod
+    def _less_loaded(server: RealServer, best: RealServer) -> bool:
+        return server.active < best.active
+
     def pick(self, caddr: int, cport: int) -> RealServer | None:
         servers = self._servers
         n = len(servers)
         start = self._start
+        less_loaded = self._less_loaded
         best: RealServer | None = None
         best_i = 0
         for step in range(n):
             i = (start + step) % n
             server = servers[i]
-            if server.accepts_new() and (best is None or server.active < best.active):
+            if server.accepts_new() and (best is None or less_loaded(server, best)):
                 best = server
                 best_i = i
         if best is not None:
@@ -416,41 +421,15 @@ class LeastConnections:
         return best
 
 
-class WeightedLeastConnections:
+class WeightedLeastConnections(LeastConnections):
     """``wlc``: least ``(active + 1) / effective_weight`` in integers; ties rotate."""
 
     name = "wlc"
 
-    def __init__(self) -> None:
-        self._servers: tuple[RealServer, ...] = ()
-        self._start = 0
-
-    def update(self, servers: Sequence[RealServer]) -> int:
-        self._servers = tuple(servers)
-        self._start = self._start % len(self._servers) if self._servers else 0
-        return 0
-
-    def pick(self, caddr: int, cport: int) -> RealServer | None:
-        servers = self._servers
-        n = len(servers)
-        start = self._start
-        best: RealServer | None = None
-        best_i = 0
-        for step in range(n):
-            i = (start + step) % n
-            server = servers[i]
-            if not server.accepts_new():
-                continue
-            if (
-                best is None
-                or (server.active + 1) * best.effective_weight
-                < (best.active + 1) * server.effective_weight
-            ):
-                best = server
-                best_i = i
-        if best is not None:
-            self._start = (best_i + 1) % n
-        return best
+    @staticmethod
+    def _less_loaded(server: RealServer, best: RealServer) -> bool:
+        return ((server.active + 1) * best.effective_weight
+                < (best.active + 1) * server.effective_weight)
 
 
 class SourceHash:
