@@ -101,6 +101,10 @@ class DataplaneConfig:
     batch: int = 256  # packets drained per wake-up
     route_table: int = 4711  # the routing table lbd owns
     rule_priority: int = 4711  # first of the RULE_PRIORITY_SPAN ip rule priorities lbd uses
+    # CPUs that do the kernel's work for packets lbd writes back (RPS on the TUN): "all",
+    # "off", or a hex CPU mask such as "3" or "ff,ffffffff". Without it that work (routing,
+    # the next hop, the peer's TCP) runs on lbd's own CPU.
+    rps_cpus: str = "all"
 
 
 RULE_PRIORITY_SPAN: Final = 64
@@ -430,6 +434,7 @@ def _dataplane(t: _Table) -> DataplaneConfig:
         batch=t.get("batch", _int(1, 4096), _default(d, "batch")),
         route_table=t.get("route_table", _route_table, _default(d, "route_table")),
         rule_priority=t.get("rule_priority", _rule_priority, _default(d, "rule_priority")),
+        rps_cpus=t.get("rps_cpus", _cpu_mask, _default(d, "rps_cpus")),
     )
     if dp.tun and dp.tun in {dp.client_interface, dp.server_interface}:
         t.errors.add(t.at("tun"), f"{json.dumps(dp.tun)} is also a client or server interface")
@@ -1118,6 +1123,20 @@ def _abs_path(errors: _Errors, path: str, value: object) -> str | None:
         errors.add(path, f"must be an absolute path, got {json.dumps(text)}")
         return None
     return text
+
+
+def _cpu_mask(errors: _Errors, path: str, value: object) -> str | None:
+    """"all", "off", or a hex CPU mask in the kernel's format (32-bit groups, commas)."""
+    if not isinstance(value, str):
+        errors.add(path, f"expected a string, got {_describe(value)}")
+        return None
+    groups = value.split(",")
+    if value in {"all", "off"} or all(
+        1 <= len(g) <= 8 and all(c in "0123456789abcdefABCDEF" for c in g) for g in groups
+    ):
+        return value
+    errors.add(path, f'must be "all", "off" or a hex CPU mask like "3", got {json.dumps(value)}')
+    return None
 
 
 def _route_table(errors: _Errors, path: str, value: object) -> int | None:

@@ -28,6 +28,9 @@ def test_sigterm_removes_everything(env: LabEnv) -> None:
     assert p["rules"].count("lookup 4711") == 3  # one reply rule per real server
     assert "dev lbtun0" in p["table"] and "dev lbtun0" in p["vip_route"]
     assert VIP in p["proxy"] and p["tun"]
+    # The kernel's work for packets lbd writes back is spread over the CPUs (RPS on the TUN).
+    rps = env.lab.sh("lba", "cat /sys/class/net/lbtun0/queues/rx-0/rps_cpus").strip()
+    assert int(rps.replace(",", ""), 16) != 0
     assert lbd.stop() == 0
     assert all(not v.strip() for v in plumbing(env).values()), plumbing(env)
 

@@ -220,6 +220,7 @@ DEFAULTS = [
     ("dataplane.batch", 256),
     ("dataplane.route_table", 4711),
     ("dataplane.rule_priority", 4711),
+    ("dataplane.rps_cpus", "all"),
     ("sessions.max_sessions", 1_048_576),
     ("sessions.tcp_syn_timeout", 60.0),
     ("sessions.tcp_established_timeout", 900.0),
@@ -347,6 +348,8 @@ VALUES: list[tuple[str, dict[str, Any], str, object]] = [
     ),
     ("probe port", {"pools__web__health_check__port": 9000}, "pools.web.health_check.port", 9000),
     ("slow start", {"pools__web__slow_start": "30s"}, "pools.web.slow_start", 30.0),
+    ("rps off", {"dataplane__rps_cpus": "off"}, "dataplane.rps_cpus", "off"),
+    ("rps mask", {"dataplane__rps_cpus": "ff,0000000f"}, "dataplane.rps_cpus", "ff,0000000f"),
     ("weight 0 allowed", {"pools__web__servers[1]__weight": 0}, "pools.web.servers[1].weight", 0),
     (
         "same address and port on another protocol",
@@ -383,6 +386,11 @@ def test_config_objects_are_frozen() -> None:
 # --------------------------------------------------------------------------------------------
 
 ERRORS: list[tuple[str, dict[str, Any], str]] = [
+    (
+        "rps_cpus not a mask",
+        {"dataplane__rps_cpus": "cpu0"},
+        'dataplane.rps_cpus: must be "all", "off" or a hex CPU mask like "3", got "cpu0"',
+    ),
     # unknown keys, with and without a suggestion
     (
         "unknown key with suggestion",
