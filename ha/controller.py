@@ -54,9 +54,13 @@ class Instance:
 
 class HaController:
     def __init__(self, config: Config, kernel: Kernel, owner: AddressOwner,
-                 pool_usable: Callable[[str], bool]) -> None:
+                 pool_usable: Callable[[str], bool], *,
+                 gate_open: Callable[[], bool] = lambda: True,
+                 on_master: Callable[[], None] = lambda: None) -> None:
         self.config = config
         self.kernel = kernel
+        self.gate_open = gate_open  # False: hold priority at 1 (sync: wait for the snapshot)
+        self.on_master = on_master  # called when this node becomes master of an instance
         self.owner = owner
         self.pool_usable = pool_usable
         self.instances: dict[str, Instance] = {}
@@ -138,6 +142,8 @@ class HaController:
         log.warning("instance %s: %s -> %s (%s)", name, change.old.name, change.new.name,
                     change.reason.name.lower())
         self._queue.put_nowait((name, change))
+        if change.new is State.MASTER:
+            self.on_master()
         self._notify(inst.config.notify, inst.config, "INSTANCE", name, change.new,
                      inst.machine.priority)
         if inst.group is not None:
@@ -243,6 +249,10 @@ class HaController:
             priority = ic.priority
             if priority < 255:
                 priority = max(1, min(254, priority + sum(w for _, w in failed)))
+                if not self.gate_open():
+                    # Gated takeover: until the peer's sessions have arrived, do not preempt
+                    # (a lone node still becomes master when no one else advertises).
+                    priority = 1
             self._apply_tracking(inst, fault, priority, [what for what, _ in failed])
 
     def _apply_tracking(self, inst: Instance, fault: bool, priority: int,
@@ -265,6 +275,9 @@ class HaController:
             runner.set_fault(inst.config.name, fault)
 
     # ---- read side --------------------------------------------------------------------------
+    def is_master(self) -> bool:
+        return any(i.machine.state is State.MASTER for i in self.instances.values())
+
     def status(self) -> dict[str, dict[str, object]]:
         out: dict[str, dict[str, object]] = {}
         for name, inst in self.instances.items():

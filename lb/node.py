@@ -11,6 +11,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -18,6 +19,8 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 
 from ha.controller import HaController
 from ha.ownership import AddressOwner
+from ha.sync import SyncService
+from ha.sync_codec import load_key
 from lb.addr import endpoint, int_to_ip, ip_to_int
 from lb.config import Config, ConfigError, VrrpAddress, load_config
 from lb.control import CommandError, ControlServer
@@ -126,6 +129,8 @@ class Node:
         self.registry = CollectorRegistry(auto_describe=False)
         self.collector = SourceCollector()
         self.registry.register(self.collector)
+        self.sync: SyncService | None = None
+        self._was_master = False
         self.owner: AddressOwner | None = None
         self.ha: HaController | None = None
         self._expiry: asyncio.TimerHandle | None = None
@@ -169,19 +174,37 @@ class Node:
             await self.metrics_server.start()
         self.owner = AddressOwner(self.kernel, self.tun_index,
                                   {vc.address for vc in cfg.virtual_servers})
+        if cfg.sync is not None:
+            await self._start_sync(cfg)
         if cfg.standalone:
             await self.hold_vips()
         else:
-            self.ha = HaController(cfg, self.kernel, self.owner, self.pool_usable)
+            self.ha = HaController(cfg, self.kernel, self.owner, self.pool_usable,
+                                   gate_open=self._gate_open, on_master=self._on_master)
             await self.ha.start()
             self.collector.sources.append(self.ha.metrics)
         log.info("lbd node %s started: %d virtual servers, %d pools", cfg.node.name,
                  len(self.services.services), len(self.services.pools))
 
+    async def _start_sync(self, cfg: Config) -> None:
+        assert cfg.sync is not None
+        try:
+            key = load_key(Path(cfg.sync.key_file).read_bytes())
+        except (OSError, ValueError) as exc:
+            raise RuntimeError(f"{cfg.source}: sync.key_file: {exc}") from exc
+        self.sync = SyncService(cfg.sync, key, cfg.node.name, self.sessions, self.persistence,
+                                lambda: self.services, self.is_master)
+        self.counts.downstream = self.sync
+        self.persistence.observer = self.sync
+        await self.sync.start()
+        self.collector.sources.append(self.sync.metrics)
+
     async def stop(self) -> None:
         log.info("stopping")
         if self.ha is not None:
             await self.ha.stop()
+        if self.sync is not None:
+            await self.sync.stop()
         if self._expiry is not None:
             self._expiry.cancel()
         if self.monitor is not None:
@@ -227,8 +250,11 @@ class Node:
 
     def _expire(self) -> None:
         now = time.monotonic()
-        self.sessions.expire(now)
-        self.persistence.expire(now)
+        self._was_master = self.is_master()
+        if self.sync is None or not self.sync.holding:
+            # A backup fed by its master leaves expiry to the master (see ha.sync).
+            self.sessions.expire(now)
+            self.persistence.expire(now)
         self._schedule_expiry()
 
     # ---- health -----------------------------------------------------------------------------
@@ -364,7 +390,23 @@ class Node:
         return self.ha.status() if self.ha is not None else {}
 
     def sync_status(self) -> dict[str, Any]:
-        return {"connected": False, "configured": self.config.sync is not None}
+        if self.sync is None:
+            return {"connected": False, "configured": False}
+        return {"configured": True, **self.sync.status()}
+
+    def is_master(self) -> bool:
+        """Does this node forward traffic (standalone, or master of a VRRP instance)?"""
+        return self.ha is None or self.ha.is_master()
+
+    def _gate_open(self) -> bool:
+        return self.sync is None or self.sync.gate_open
+
+    def _on_master(self) -> None:
+        """A VRRP instance became master: once per takeover (``_was_master`` is refreshed
+        every expiry tick), mark the table fresh and hand the peer our tables."""
+        if self.sync is not None and not self._was_master:
+            self.sync.became_master()
+        self._was_master = True
 
     def set_admin(self, args: list[str], state: AdminState) -> dict[str, Any]:
         if len(args) != 2:

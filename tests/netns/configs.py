@@ -57,12 +57,12 @@ servers = {servers_toml(udp_port)}
 
 def pair(node: str, *, priority: int, advert: str = "100ms", preempt: bool = True,
          extra_instance: str = "", sessions: str = "", sync: bool = False,
-         health: str = "", extra_group: str = "") -> str:
+         health: str = "", extra_group: str = "", persistence: str = "none") -> str:
     """One node of an HA pair: the single-node services plus VRRP instances "front" (the
     VIP on eth0, vrid 51) and "back" (the servers' gateway on eth1, vrid 52) in group
     "pair". ``node`` is "lba" or "lbb"."""
     me, peer = ("198.19.0.2", "198.19.0.3") if node == "lba" else ("198.19.0.3", "198.19.0.2")
-    base = single(name=f"lb-{node}", sessions=sessions, health=health)
+    base = single(name=f"lb-{node}", sessions=sessions, health=health, persistence=persistence)
     base = base.replace('listen = "127.0.0.1:9641"', 'listen = "127.0.0.1:9641"')
     sync_toml = f"""
 [sync]

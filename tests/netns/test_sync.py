@@ -1,0 +1,107 @@
+"""The scene: a client in the middle of a persistent session when the master dies.
+
+Two lbd nodes with [sync]: the master streams sessions and persistence bindings to the
+backup. After a SIGKILL of the master, the client's open TCP connection goes on through the
+backup to the same real server, and its next connections are still pinned there. A restarted
+master waits for the table before it preempts (gated takeover), so nothing breaks then either.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lab.topology import SERVERS, VIP, wait_until
+from tests.netns import configs
+from tests.netns.harness import LabEnv, Lbd
+from tests.netns.helpers import Holder
+from tests.netns.test_vrrp import states, wait_states
+
+pytestmark = pytest.mark.topology(pair=True)
+URL = f"http://{VIP}/"
+NAME_OF = {f"{addr}:8080": name for name, addr in SERVERS.items()}
+
+
+def synced_config(env: LabEnv, node: str, priority: int) -> str:
+    key = env.tmp / "sync.key"
+    if not key.exists():
+        key.write_text("a shared secret for the lab pair\n")
+    return configs.pair(node, priority=priority, sync=True,
+                        persistence="client-ip").replace("@KEYFILE@", str(key))
+
+
+def start_synced_pair(env: LabEnv) -> tuple[Lbd, Lbd]:
+    env.start_servers()
+    a = env.lbd(synced_config(env, "lba", 200), "lba")
+    wait_states(a, "MASTER")
+    b = env.lbd(synced_config(env, "lbb", 100), "lbb")
+    wait_states(b, "BACKUP")
+    for lbd in (a, b):
+        wait_until(lambda lbd=lbd: lbd.ctl("sync")["connected"], timeout=10,  # type: ignore[misc]
+                   what=f"{lbd.host}'s sync connections")
+    return a, b
+
+
+def web_sessions(lbd: Lbd) -> set[tuple[str, str]]:
+    return {(s["client"], s["server"]) for s in lbd.ctl("sessions")
+            if s["virtual"].endswith(":80") and s["state"] == "ESTABLISHED"}
+
+
+def answers(env: LabEnv, count: int) -> Counter[str]:
+    got: Any = env.client("c1", "get", URL, "--count", str(count), "--timeout", "2")
+    return Counter(got["answers"])
+
+
+def test_client_mid_session_survives_master_death(env: LabEnv) -> None:
+    a, b = start_synced_pair(env)
+    holder = Holder(env, "c1", 1)  # the client's open connection, mid-session
+    try:
+        (client, server), = web_sessions(a)
+        wait_until(lambda: (client, server) in web_sessions(b), timeout=5,
+                   what="the session to reach the backup")
+        assert answers(env, 3) == {NAME_OF[server]: 3}  # persistence pins c1 to that server
+        a.stop(signal.SIGKILL)
+        wait_states(b, "MASTER", timeout=5)
+        # The same TCP connection goes on through lbb to the same server ...
+        assert holder.send() == ["data"]
+        # ... and the client's new connections are still pinned there.
+        assert answers(env, 5) == {NAME_OF[server]: 5}
+        assert b.ctl("sync")["records_received"] > 0
+    finally:
+        holder.close()
+
+
+def test_restarted_master_waits_for_the_table_before_preempting(env: LabEnv) -> None:
+    a, b = start_synced_pair(env)
+    a.stop(signal.SIGKILL)
+    wait_states(b, "MASTER", timeout=5)
+    holder = Holder(env, "c1", 1)  # opened through lbb while lba is down
+    try:
+        (client, server), = web_sessions(b)
+        a.start()
+        wait_states(a, "MASTER", timeout=15)
+        wait_states(b, "BACKUP", timeout=5)
+        assert (client, server) in web_sessions(a)  # it had the table before it took over
+        assert "snapshot from the peer applied" in a.log_text()
+        assert holder.send() == ["data"]
+        assert answers(env, 3) == {NAME_OF[server]: 3}
+    finally:
+        holder.close()
+
+
+def test_forged_sync_frames_are_refused(env: LabEnv) -> None:
+    """A node with the wrong key cannot feed the backup: its frames are refused and counted."""
+    a, b = start_synced_pair(env)
+    a.stop(signal.SIGKILL)
+    wrong = Path(env.tmp / "wrong.key")
+    wrong.write_text("not the shared secret at all!\n")
+    a.config.write_text(a.config.read_text().replace(str(env.tmp / "sync.key"), str(wrong)))
+    a.start()
+    wait_until(lambda: b.ctl("sync")["errors"].get("mac", 0) >= 1, timeout=10,
+               what="lbb to refuse lba's frames")
+    assert states(b)["front"] in {"MASTER", "BACKUP"}
+    assert b.proc is not None and b.proc.poll() is None
