@@ -3,8 +3,9 @@
 Builds clients, an lbd pair (conf/node-a.toml and conf/node-b.toml as shipped, with their
 control sockets and sync key moved into a temporary directory) and three real servers, then
 walks through: the VRRP election, requests and which server answered them, persistence
-bindings and the session table, a real server failing its health check, and the master being
-killed while a client keeps asking. Everything is torn down on exit or Ctrl-C.
+bindings and the session table, a real server failing its health check, and the scene the
+project is judged by — a client in the middle of a session when the master dies: its open
+connection goes on through the backup to the same server. Everything is torn down on exit or Ctrl-C.
 
     python -m lab            run the demo and exit
     python -m lab --stay     keep the lab up afterwards until Ctrl-C (explore with lbctl)
@@ -23,7 +24,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from lab.harness import BIN, ENV, LabEnv, Lbd, shipped_node_config
+from lab.harness import BIN, ENV, Holder, LabEnv, Lbd, shipped_node_config
 from lab.topology import VIP, Lab, build, wait_until
 
 URL = f"http://{VIP}/"
@@ -87,24 +88,29 @@ def demo(env: LabEnv) -> None:
                what="the server to come back")
     show(f"{bound} is healthy again")
 
-    say("SIGKILL the master lba while c1 keeps asking (a request every ~50 ms, 50 ms timeout)")
-    before = requests(env, "c1", 1)[0]
+    say("The scene: c1 holds a connection open mid-session; the master dies")
+    holder = Holder(env, "c1", 1)
+    wait_until(lambda: len(a.ctl("sessions")) == len(b.ctl("sessions")), timeout=5,
+               what="the backup to have the master's sessions")
+    pinned = requests(env, "c1", 1)[0]
+    show(f"c1 is pinned to {pinned}; lbb holds {len(b.ctl('sessions'))} synced sessions "
+         f"(lbctl sync on lbb: {b.ctl('sync')['records_received']} records received)")
     probe = subprocess.Popen(
-        ["ip", "netns", "exec", env.lab.ns("c1"), sys.executable, "-m", "lab.client", "probe",
+        ["ip", "netns", "exec", env.lab.ns("c2"), sys.executable, "-m", "lab.client", "probe",
          URL, "--timeout", "0.05", "--duration", "2"],
         stdout=subprocess.PIPE, text=True, env={**os.environ, **ENV})
-    time.sleep(0.5)  # let the probe run against the healthy master first
+    time.sleep(0.5)  # let c2's probe run against the healthy master first
     killed = time.monotonic()
     a.stop(signal.SIGKILL)
+    show("SIGKILL lba")
     attempts = json.loads(probe.communicate(timeout=30)[0].strip().splitlines()[-1])["attempts"]
-    failed = [t for t, ok in attempts if not ok and t > killed]
     good = [t for t, ok in attempts if ok and t > killed]
-    show(f"before the kill c1 was served by {before}")
-    show(f"{len(failed)} requests failed after the kill; the first good answer through lbb "
-         f"came {good[0] - killed:.2f}s after it" if good else "no good answer within 2 s")
-    show(f"c1 is now served by {requests(env, 'c1', 1)[0]}")
-    show("(sessions and persistence are not yet synced to the peer, so a client may land on")
-    show(" another server after a failover; the sync stream is the next step of the project)")
+    show(f"c2, asking every ~50 ms: first good answer through lbb {good[0] - killed:.2f}s "
+         "after the kill" if good else "c2: no good answer within 2 s")
+    show(f"c1 sends on the connection it held open: {holder.send()[0]} "
+         "(the same TCP connection, now through lbb)")
+    holder.close()
+    show(f"c1's next requests: {' '.join(requests(env, 'c1', 3))} (still {pinned})")
     show(f"lbb: {vrrp_line(b)}")
     show(lbctl(b, "status"))
     say("lba comes back and preempts (priority 200 > 100)")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lab.topology import SERVERS, Lab, wait_until
+from lab.topology import SERVERS, VIP, Lab, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -116,5 +116,37 @@ def shipped_node_config(name: str, tmp: Path) -> str:
     text = (REPO / "conf" / f"{name}.toml").read_text()
     text = text.replace("[node]\n", '[node]\ncontrol_socket = "@SOCKET@"\n', 1)
     key = tmp / "sync.key"
-    key.write_text("lab-sync-key\n")
+    key.write_text("a shared secret for the lab pair\n")
     return re.sub(r'key_file = "[^"]*"', f'key_file = "{key}"', text)
+
+
+class Holder:
+    """Connections held open through the VIP by a client process."""
+
+    def __init__(self, env: LabEnv, host: str, count: int, port: int = 80) -> None:
+        cmd = ["ip", "netns", "exec", env.lab.ns(host), sys.executable, "-m", "lab.client",
+               "hold", VIP, str(port), "--count", str(count), "--timeout", "3"]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, env={**os.environ, **ENV})
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert line, "holder exited before holding its connections"
+        first = json.loads(line)
+        self.held: int = first["held"]
+        self.ports: list[int] = first["ports"]  # local port of each held connection, in order
+
+    def send(self) -> list[str]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write("send\n")
+        self.proc.stdin.flush()
+        results: list[str] = json.loads(self.proc.stdout.readline())["results"]
+        return results
+
+    def close(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
