@@ -239,6 +239,13 @@ class SyncService:
             s.last_seen = max(s.last_seen, now)
         self.send_snapshot()
 
+    def became_backup(self) -> None:
+        """This node lost master (preempted, or a healed split brain): its table may differ
+        from the new master's. Closing the connection the master sends on makes it reconnect
+        and send a fresh snapshot, which replaces ours."""
+        for w in list(self._inbound):
+            w.close()
+
     # ---- outbound: connection -----------------------------------------------------------------
     async def _connect_loop(self) -> None:
         peer = self.cfg.peer

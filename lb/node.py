@@ -250,7 +250,10 @@ class Node:
 
     def _expire(self) -> None:
         now = time.monotonic()
-        self._was_master = self.is_master()
+        master = self.is_master()
+        if self._was_master and not master and self.sync is not None:
+            self.sync.became_backup()
+        self._was_master = master
         if self.sync is None or not self.sync.holding:
             # A backup fed by its master leaves expiry to the master (see ha.sync).
             self.sessions.expire(now)
