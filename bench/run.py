@@ -30,10 +30,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from bench import failover, memory, netbench
+from bench import failover, memory, netbench, syncrate
 from bench.report import Check, Figure, as_json, table
 
-BENCHES = ("throughput", "pps", "cps", "memory", "failover")
+BENCHES = ("throughput", "pps", "cps", "memory", "failover", "sync")
 SYSTEMS_ORDER = ("kernel", "haproxy", "lbd")
 
 
@@ -55,6 +55,9 @@ def make_figures(benches: Sequence[str], plan: netbench.Plan, sessions: int) -> 
     if "failover" in benches:
         figs.append(Figure("failover", "Failover seen by a client (SIGKILL → first good "
                            "request, 100 ms adverts)", "s", False, (Check(None, "<=", 0.5),)))
+    if "sync" in benches:
+        figs.append(Figure("sync_rate", "Sessions synced per second (encode, MAC, decode, "
+                           "install; in-process)", "sess/s", True, (Check(None),)))
     if "memory" in benches:
         figs.append(Figure("mem_session", f"Memory per session ({sessions:,} sessions)",
                            "B", False, (Check(None, "<=", 400.0),)))
@@ -115,7 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with it ignored
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGHUP, _terminate)
-    plan = netbench.Plan(tuple(b for b in args.benches if b not in ("memory", "failover")),
+    plan = netbench.Plan(tuple(b for b in args.benches
+                               if b not in ("memory", "failover", "sync")),
                          args.duration,
                          rounds=args.rounds, conns=args.conns, streams=args.streams)
     figures = make_figures(args.benches, plan, args.sessions)
@@ -133,6 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _memory(args.sessions, by_key["mem_session"])
         if "failover" in args.benches:
             _failover(args.rounds, by_key["failover"])
+        if "sync" in args.benches:
+            _sync_rate(by_key["sync_rate"])
     except KeyboardInterrupt:
         progress("interrupted: everything started was stopped and the namespaces deleted")
         return 130
@@ -214,6 +220,17 @@ def _memory(sessions: int, fig: Figure) -> None:
     fig.values["lbd"] = result.bytes_per_session
     fig.notes.append(f"{result.bytes_total / 2**20:,.0f} MiB traced for {result.sessions:,} "
                      f"sessions, built in {result.seconds:.1f} s")
+
+
+def _sync_rate(fig: Figure) -> None:
+    progress("sync: 200,000 sessions through the sync pipeline")
+    try:
+        result = syncrate.measure()
+    except (RuntimeError, ValueError) as exc:
+        fig.errors["lbd"] = f"{exc.__class__.__name__}: {exc}"
+        return
+    fig.values["lbd"] = result.per_second
+    fig.notes.append(f"{result.wire_bytes_per_session:.1f} bytes per session on the wire")
 
 
 def _failover(rounds: int, fig: Figure) -> None:
