@@ -55,6 +55,21 @@ servers = {servers_toml(udp_port)}
 """
 
 
+def instance(name: str, *, interface: str, vrid: int, address: str, priority: int,
+             advert: str = "100ms", preempt: bool = True, extra: str = "") -> str:
+    """One ``[vrrp.instances.NAME]`` table."""
+    return f"""
+[vrrp.instances.{name}]
+interface = "{interface}"
+vrid = {vrid}
+priority = {priority}
+advert_interval = "{advert}"
+preempt = {"true" if preempt else "false"}
+addresses = ["{address}"]
+{extra}
+"""
+
+
 def pair(node: str, *, priority: int, advert: str = "100ms", preempt: bool = True,
          extra_instance: str = "", sessions: str = "", sync: bool = False,
          health: str = "", extra_group: str = "", persistence: str = "none") -> str:
@@ -63,37 +78,21 @@ def pair(node: str, *, priority: int, advert: str = "100ms", preempt: bool = Tru
     "pair". ``node`` is "lba" or "lbb"."""
     me, peer = ("198.19.0.2", "198.19.0.3") if node == "lba" else ("198.19.0.3", "198.19.0.2")
     base = single(name=f"lb-{node}", sessions=sessions, health=health, persistence=persistence)
-    base = base.replace('listen = "127.0.0.1:9641"', 'listen = "127.0.0.1:9641"')
     sync_toml = f"""
 [sync]
 listen = "{me}:7411"
 peer = "{peer}:7411"
 key_file = "@KEYFILE@"
 """ if sync else ""
-    flag = "true" if preempt else "false"
-    return base + f"""
-[vrrp.instances.front]
-interface = "eth0"
-vrid = 51
-priority = {priority}
-advert_interval = "{advert}"
-preempt = {flag}
-addresses = ["{VIP}"]
-{extra_instance}
-
-[vrrp.instances.back]
-interface = "eth1"
-vrid = 52
-priority = {priority}
-advert_interval = "{advert}"
-preempt = {flag}
-addresses = ["198.18.0.1/24"]
-{extra_instance}
-
+    front = instance("front", interface="eth0", vrid=51, address=VIP, priority=priority,
+                     advert=advert, preempt=preempt, extra=extra_instance)
+    back = instance("back", interface="eth1", vrid=52, address="198.18.0.1/24",
+                    priority=priority, advert=advert, preempt=preempt, extra=extra_instance)
+    return (base + front + back + f"""
 [vrrp.groups.pair]
 instances = ["front", "back"]
 {extra_group}
-{sync_toml}"""
+{sync_toml}""")
 
 
 def pair_front_only(node: str, *, priority: int, advert: str = "100ms",
@@ -101,16 +100,9 @@ def pair_front_only(node: str, *, priority: int, advert: str = "100ms",
     """One node of a pair with the client-side instance only: "front" (the VIP on eth0,
     vrid 51), no "back" instance and no group. For a peer that runs just that instance
     (keepalived in interop tests). ``node`` is "lba" or "lbb"."""
-    flag = "true" if preempt else "false"
-    return single(name=f"lb-{node}") + f"""
-[vrrp.instances.front]
-interface = "eth0"
-vrid = 51
-priority = {priority}
-advert_interval = "{advert}"
-preempt = {flag}
-addresses = ["{VIP}"]
-"""
+    return single(name=f"lb-{node}") + instance("front", interface="eth0", vrid=51,
+                                                address=VIP, priority=priority, advert=advert,
+                                                preempt=preempt)
 
 
 def iperf_service(port: int = 5201, names: tuple[str, ...] = ("s1",)) -> str:
