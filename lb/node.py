@@ -399,7 +399,9 @@ class Node:
 
     def is_master(self) -> bool:
         """Does this node forward traffic (standalone, or master of a VRRP instance)?"""
-        return self.ha is None or self.ha.is_master()
+        if self.config.standalone:
+            return True
+        return self.ha is not None and self.ha.is_master()
 
     def _gate_open(self) -> bool:
         return self.sync is None or self.sync.gate_open
