@@ -145,7 +145,8 @@ class SyncService:
             "peer": str(self.cfg.peer), "peer_node": self.peer_node,
             "sending": self._sending(), "peer_snapshot_done": self.peer_snapshot_done,
             "lag_seconds": round(self.lag, 6), "records_sent": self.records_sent,
-            "records_received": self.records_received, "errors": dict(self.errors),
+            "records_received": self.records_received,
+            "snapshots_received": self.snapshots_received, "errors": dict(self.errors),
             "skipped": dict(self.apply_skipped),
         }
 

@@ -9,7 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from lab.harness import Holder
 from tests.netns.harness import LabEnv
 
-__all__ = ["Holder", "Samples", "drops", "metric", "scrape"]
+__all__ = ["Holder", "Samples", "cut_vrrp", "drops", "metric", "scrape"]
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -32,3 +32,12 @@ def metric(samples: Samples, name: str,
 
 def drops(samples: Samples) -> dict[str, float]:
     return {dict(lbl)["reason"]: v for (n, lbl), v in samples.items() if n == "lbd_drops_total"}
+
+
+def cut_vrrp(env: LabEnv, cut: bool) -> None:
+    """Cut (or heal) VRRP between the nodes while every link keeps its carrier: the bridges
+    stop flooding multicast (224.0.0.18) to the LBs' ports; ARP and unicast still flow."""
+    for bridge in ("front", "back"):
+        for host in ("lba", "lbb"):
+            env.lab.sh("sw", f"bridge link set dev {bridge[:4]}-{host} "
+                             f"mcast_flood {'off' if cut else 'on'}")

@@ -18,7 +18,7 @@ import pytest
 from lab.topology import SERVERS, VIP, wait_until
 from tests.netns import configs
 from tests.netns.harness import LabEnv, Lbd
-from tests.netns.helpers import Holder
+from tests.netns.helpers import Holder, cut_vrrp
 from tests.netns.test_vrrp import states, wait_states
 
 pytestmark = pytest.mark.topology(pair=True)
@@ -105,3 +105,26 @@ def test_forged_sync_frames_are_refused(env: LabEnv) -> None:
                what="lbb to refuse lba's frames")
     assert states(b)["front"] in {"MASTER", "BACKUP"}
     assert b.proc is not None and b.proc.poll() is None
+
+
+def test_split_brain_heals_and_the_backup_takes_the_masters_table(env: LabEnv) -> None:
+    a, b = start_synced_pair(env)
+    holder = Holder(env, "c1", 1)
+    try:
+        (client, server), = web_sessions(a)
+        snapshots = b.ctl("sync")["snapshots_received"]
+        cut_vrrp(env, True)
+        wait_states(b, "MASTER", timeout=5)  # both masters now; each ignores the other's stream
+        cut_vrrp(env, False)
+        wait_states(b, "BACKUP", timeout=5)
+        # The demoted node asked for a fresh snapshot (by dropping the stream it receives on);
+        # its table is the master's again, and a failover now keeps the client's connection.
+        wait_until(lambda: b.ctl("sync")["snapshots_received"] > snapshots
+                   and b.ctl("sync")["peer_snapshot_done"]
+                   and (client, server) in web_sessions(b), timeout=10,
+                   what="lbb to take lba's table again")
+        a.stop(signal.SIGKILL)
+        wait_states(b, "MASTER", timeout=5)
+        assert holder.send() == ["data"]
+    finally:
+        holder.close()

@@ -12,6 +12,7 @@ import pytest
 from lab.topology import VIP, wait_until
 from tests.netns import configs
 from tests.netns.harness import LabEnv, Lbd
+from tests.netns.helpers import cut_vrrp
 
 pytestmark = pytest.mark.topology(pair=True)
 URL = f"http://{VIP}/"
@@ -120,21 +121,12 @@ def test_sigterm_hands_over_faster_than_master_down(env: LabEnv) -> None:
     assert "lbtun0" not in env.lab.sh("lba", "ip link show")
 
 
-def _cut_vrrp(env: LabEnv, cut: bool) -> None:
-    """Cut (or heal) VRRP between the nodes while every link keeps its carrier: the bridges
-    stop flooding multicast (224.0.0.18) to the LBs' ports; ARP and unicast still flow."""
-    for bridge in ("front", "back"):
-        for host in ("lba", "lbb"):
-            env.lab.sh("sw", f"bridge link set dev {bridge[:4]}-{host} "
-                             f"mcast_flood {'off' if cut else 'on'}")
-
-
 def test_split_brain_heals_to_one_master(env: LabEnv) -> None:
     a, b = start_pair(env)
-    _cut_vrrp(env, True)
+    cut_vrrp(env, True)
     wait_states(b, "MASTER", timeout=5)
     assert states(a) == {"front": "MASTER", "back": "MASTER"}
-    _cut_vrrp(env, False)
+    cut_vrrp(env, False)
     wait_states(b, "BACKUP", timeout=1.0)
     assert states(a) == {"front": "MASTER", "back": "MASTER"}
 
