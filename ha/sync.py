@@ -78,7 +78,6 @@ class SyncService:
         self._encoder: Encoder | None = None
         self._pending: list[Record] = []
         self._flush_scheduled = False
-        self._snapshotting = False
         self._tasks: list[asyncio.Task[None]] = []
         self._server: asyncio.AbstractServer | None = None
         self._inbound: set[asyncio.StreamWriter] = set()
@@ -155,23 +154,23 @@ class SyncService:
         return self._writer is not None and self.is_master()
 
     def session_added(self, s: Session[Service]) -> None:
-        if self._sending() and not self._snapshotting:
+        if self._sending():
             self._queue(self._session_record(s))
 
     session_changed = session_added
 
     def session_removed(self, s: Session[Service], reason: str) -> None:
-        if self._sending() and not self._snapshotting:
+        if self._sending():
             self._queue(SessionGone(s.proto, s.caddr, s.cport, s.vaddr, s.vport))
 
     def binding_added(self, b: Binding[Service]) -> None:
-        if self._sending() and not self._snapshotting:
+        if self._sending():
             self._queue(self._binding_record(b))
 
     binding_changed = binding_added
 
     def binding_removed(self, b: Binding[Service], reason: str) -> None:
-        if self._sending() and not self._snapshotting:
+        if self._sending():
             svc = b.service
             self._queue(BindingGone(svc.proto, svc.vaddr, svc.vport, b.client_net))
 
