@@ -81,7 +81,7 @@ class SyncService:
         self._tasks: list[asyncio.Task[None]] = []
         self._server: asyncio.AbstractServer | None = None
         self._inbound: set[asyncio.StreamWriter] = set()
-        self._started = 0.0
+        self._started = clock()  # the gate's timeout runs from here
         self.peer_snapshot_done = False
         self.peer_node = ""
         # counters and gauges
@@ -97,7 +97,6 @@ class SyncService:
 
     # ---- life cycle -------------------------------------------------------------------------
     async def start(self) -> None:
-        self._started = self.clock()
         self._server = await asyncio.start_server(self._serve_inbound, self.cfg.listen.host,
                                                   self.cfg.listen.port)
         loop = asyncio.get_running_loop()
