@@ -300,7 +300,8 @@ class Node:
             for line in exc.errors:
                 log.error("reload refused: %s", line)
             return exc.errors
-        fixed = ("dataplane", "node", "vrrp_instances", "vrrp_groups", "sync")
+        fixed = ("dataplane", "node", "sessions", "metrics", "vrrp_instances", "vrrp_groups",
+                 "sync")
         changed = [k for k in fixed if getattr(new, k) != getattr(self.config, k)]
         if changed:
             msg = f"{new.source}: {', '.join(changed)}: changes need a restart; kept the old"
