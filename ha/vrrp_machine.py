@@ -82,8 +82,10 @@ class Reason(enum.Enum):
     OWNER = "owner"
     """Priority 255 (address owner) goes master without waiting."""
     MASTER_DOWN = "master_down"
-    """Master_Down_Timer fired: no advert from the master in Master_Down_Interval, or
-    Skew_Time after it announced priority 0."""
+    """Master_Down_Timer fired: no advert from the master in Master_Down_Interval."""
+    MASTER_LEFT = "master_left"
+    """Master_Down_Timer fired Skew_Time after the master announced priority 0 (it stopped
+    cleanly), rather than after a whole Master_Down_Interval of silence."""
     PREEMPT = "preempt"
     """Master_Down_Timer fired while we were discarding a lower-priority master's adverts."""
     HIGHER_PRIORITY = "higher_priority"
@@ -165,6 +167,7 @@ class VrrpMachine:
         self._deadline: float | None = None
         self._preempt_after = 0.0
         self._discarding = False  # backup: last advert was a lower-priority master's, dropped
+        self._master_left = False  # backup: the last advert was the master's priority 0
         self._gated = False  # sync-group member: may only become master through promote()
         self._pending: Reason | None = None  # gated backup that would have become master
         self._master_src: int | None = None
@@ -263,7 +266,12 @@ class VrrpMachine:
             self._deadline = now + self._interval
         elif self._state is State.BACKUP:
             # §6.4.2: Master_Down_Timer fired.
-            reason = Reason.PREEMPT if self._discarding else Reason.MASTER_DOWN
+            if self._discarding:
+                reason = Reason.PREEMPT
+            elif self._master_left:
+                reason = Reason.MASTER_LEFT
+            else:
+                reason = Reason.MASTER_DOWN
             self._become_master(now, reason)
 
     def receive(self, advert: Advert, now: float) -> RejectReason | None:
@@ -343,8 +351,10 @@ class VrrpMachine:
         """§6.4.2 Backup: an ADVERTISEMENT is received."""
         if advert.priority == 0:
             self._discarding = False
+            self._master_left = True
             self._deadline = now + self.skew_time
             return
+        self._master_left = False
         preempting = self.config.preempt and now >= self._preempt_after
         if not preempting or advert.priority >= self._priority:
             self._master_src = advert.src

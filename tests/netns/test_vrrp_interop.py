@@ -176,13 +176,12 @@ def test_lbd_defers_to_higher_priority_keepalived_and_takes_over_on_its_priority
     assert metric(samples, "lbd_vrrp_adverts_received_total", instance="front") >= 3
     assert vrrp_drops(env) == {}, "lbd dropped some of keepalived's adverts"
 
-    started = time.monotonic()
     assert k.stop(signal.SIGTERM) == 0, k.log_text()
     wait_until(lambda: front(a)["state"] == "MASTER", timeout=10,
                what="lbd to take over from the stopped keepalived")
-    elapsed = time.monotonic() - started
-    assert elapsed < 3.0, (f"takeover took {elapsed:.2f}s, no faster than master-down:"
-                           f" was keepalived's priority 0 understood?\n{k.log_text()}")
+    # keepalived's priority 0 was understood: lbd took over after skew time (master_left),
+    # not after a whole master-down interval of silence (master_down).
+    assert "front: BACKUP -> MASTER (master_left)" in a.log_text(), k.log_text()
     assert not k.holds_vip()
     answers = env.client("c1", "get", f"http://{VIP}/", "--count", "3",
                          "--timeout", "2")["answers"]

@@ -211,6 +211,7 @@ def test_priority_zero_shutdown_hands_over_after_skew_time() -> None:
     taken = lan.run_until(lambda: backup.state is State.MASTER, 10)
     assert taken == pytest.approx(released + backup.skew_time, abs=TICK + EPS)
     assert taken < released + 1.0
+    assert lan.became(1, State.MASTER)[-1][1].reason is Reason.MASTER_LEFT
 
 
 def test_master_answers_priority_zero_at_once() -> None:
