@@ -16,7 +16,6 @@ rules and comes from a real server.
 
 from __future__ import annotations
 
-import struct
 from typing import Protocol
 
 from lb.packet import (
@@ -46,7 +45,6 @@ ICMP_ECHO_REQUEST = 8
 ICMP_ERROR_TYPES = frozenset((3, 11, 12))
 
 _ZERO_VNET = bytes(VNET_HDR_LEN)
-_U16 = struct.Struct("!H")
 
 
 class SessionEvents(Protocol):
@@ -65,7 +63,6 @@ class ServiceCounts:
     def session_added(self, s: Session[Service]) -> None:
         svc = s.service
         svc.active += 1
-        svc.created_total += 1
         if self.downstream is not None:
             self.downstream.session_added(s)
 
@@ -177,6 +174,7 @@ class Forwarder:
             full = len(self.sessions) >= self.sessions.max_sessions
             self.drop("table_full" if full else "flow_conflict")
             return None
+        svc.created_total += 1
         return s
 
     def _schedule(self, svc: Service, caddr: int, cport: int,

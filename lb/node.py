@@ -437,6 +437,7 @@ class Node:
         dp = self.dataplane
         return {
             "lbd_dataplane_wakeups_total": dp.wakeups if dp else 0,
+            "lbd_dataplane_packets_read_total": dp.rx_packets if dp else 0,
             "lbd_dataplane_write_errors_total": dp.tx_errors if dp else 0,
             "lbd_config_reloads_total": self.reloads,
             "lbd_config_reload_failures_total": self.reload_failures,

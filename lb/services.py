@@ -61,11 +61,7 @@ class Service:
     persistence_mask: int
     # counters read at scrape time
     active: int = 0
-    created_total: int = 0
-    packets_in: int = 0
-    bytes_in: int = 0
-    packets_out: int = 0
-    bytes_out: int = 0
+    created_total: int = 0  # sessions this node scheduled (not those synced from the peer)
 
     @property
     def key(self) -> int:

@@ -204,6 +204,7 @@ def test_reload_keeps_server_objects_and_their_state() -> None:
     sess = table.create(PROTO_TCP, ip_to_int("198.51.100.77"), 1000, web.vaddr, 80, s3, web,
                         0x02, 1.0)
     assert sess is not None
+    web.created_total += 1  # what the forwarder records when it schedules a session
     assert (s3.active, s3.created_total, web.active) == (1, 1, 1)
 
     # s2 gets weight 5, s1 stays, s3 is removed, s4 is new.

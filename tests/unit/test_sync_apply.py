@@ -78,6 +78,7 @@ def test_sessions_are_installed_changed_and_removed() -> None:
     s = next(s for s in b.sessions if s.cport == 40000)
     assert s.last_seen == pytest.approx(97.5) and s.state == EST
     assert b.web.active == 2 and b.web.pool.servers[0].active == 1
+    assert b.web.created_total == 0  # synced, not scheduled here
     b.sync.apply(session(40000, state=int(TcpState.FIN_WAIT)))
     assert next(s for s in b.sessions if s.cport == 40000).state == TcpState.FIN_WAIT
     b.sync.apply(SessionGone(TCP, C, 40000, VIP, 80))
