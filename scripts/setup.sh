@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 pkgs=(python3 python3-venv python3-pip iproute2 iputils-ping procps ethtool make
-      keepalived socat nginx-light iperf3 haproxy wrk tshark prometheus)
+      keepalived socat nginx-light iperf3 haproxy wrk tshark prometheus openssl)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

@@ -14,6 +14,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
@@ -344,8 +345,19 @@ def test_http_server_that_never_answers_times_out() -> None:
 # --------------------------------------------------------------------------- https
 
 
-def _stdlib_test_cert() -> Path | None:
-    """Python's own test suite ships a self-signed localhost cert+key (test/certdata)."""
+def _self_signed_cert() -> Path | None:
+    """A self-signed localhost cert+key made with the openssl CLI (scripts/setup.sh installs
+    it), else the one Python's own test suite ships (test/certdata), if present."""
+    if shutil.which("openssl"):
+        out = Path(tempfile.mkdtemp(prefix="lbd-test-cert-")) / "keycert.pem"
+        key, crt = out.with_name("key.pem"), out.with_name("crt.pem")
+        proc = subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+             "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(crt)],
+            capture_output=True, check=False, timeout=60)
+        if proc.returncode == 0:
+            out.write_bytes(key.read_bytes() + crt.read_bytes())
+            return out
     spec = importlib.util.find_spec("test")
     if spec is None or not spec.submodule_search_locations:
         return None
@@ -356,10 +368,10 @@ def _stdlib_test_cert() -> Path | None:
     return None
 
 
-CERT = _stdlib_test_cert()
+CERT = _self_signed_cert()
 needs_cert = pytest.mark.skipif(
     CERT is None,
-    reason="no self-signed certificate: neither the stdlib test certs nor cryptography here",
+    reason="no self-signed certificate: no openssl CLI and no stdlib test certs here",
 )
 
 
