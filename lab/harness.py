@@ -58,6 +58,11 @@ class Lbd:
         assert self.proc is not None
         os.killpg(self.proc.pid, sig)
 
+    def wait(self, timeout: float = 15) -> int:
+        """Wait for the process to exit by itself (after a signal sent with ``kill``)."""
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
     def stop(self, sig: int = _signal.SIGTERM) -> int | None:
         assert self.proc is not None
         return self.env.lab.stop(self.proc, sig, timeout=15)

@@ -45,6 +45,9 @@ async def serve(config: Config) -> int:
         return 1
     await stop.wait()
     await node.stop()
+    # Stopped cleanly: a repeated SIGTERM (an impatient supervisor) during the loop's own
+    # teardown must not turn exit status 0 into death by signal.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     return 0
 
 
