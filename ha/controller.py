@@ -56,11 +56,12 @@ class HaController:
     def __init__(self, config: Config, kernel: Kernel, owner: AddressOwner,
                  pool_usable: Callable[[str], bool], *,
                  gate_open: Callable[[], bool] = lambda: True,
-                 on_master: Callable[[], None] = lambda: None) -> None:
+                 on_state: Callable[[str, State], None] = lambda name, state: None) -> None:
         self.config = config
         self.kernel = kernel
         self.gate_open = gate_open  # False: hold priority at 1 (sync: wait for the snapshot)
-        self.on_master = on_master  # called when this node becomes master of an instance
+        # Every state change of every instance, in order, as it happens (feeds ha.roles).
+        self.on_state = on_state
         self.owner = owner
         self.pool_usable = pool_usable
         self.instances: dict[str, Instance] = {}
@@ -142,8 +143,7 @@ class HaController:
         log.warning("instance %s: %s -> %s (%s)", name, change.old.name, change.new.name,
                     change.reason.name.lower())
         self._queue.put_nowait((name, change))
-        if change.new is State.MASTER:
-            self.on_master()
+        self.on_state(name, change.new)
         self._notify(inst.config.notify, inst.config, "INSTANCE", name, change.new,
                      inst.machine.priority)
         if inst.group is not None:
@@ -226,7 +226,7 @@ class HaController:
                 log.exception("tracking failed")
 
     def pools_changed(self) -> None:
-        """A pool's health changed: re-evaluate track_pools at once."""
+        """A pool's health (or the takeover gate) changed: re-evaluate tracking at once."""
         task = asyncio.get_running_loop().create_task(self.evaluate_tracking())
         self._notify_tasks.add(task)
         task.add_done_callback(self._notify_tasks.discard)
@@ -275,9 +275,6 @@ class HaController:
             runner.set_fault(inst.config.name, fault)
 
     # ---- read side --------------------------------------------------------------------------
-    def is_master(self) -> bool:
-        return any(i.machine.state is State.MASTER for i in self.instances.values())
-
     def status(self) -> dict[str, dict[str, object]]:
         out: dict[str, dict[str, object]] = {}
         for name, inst in self.instances.items():
@@ -288,6 +285,7 @@ class HaController:
                 "master": int_to_ip(m.master_address) if m.master_address else None,
                 "addresses": [f"{a.address}/{a.prefix_len}" for a in inst.config.addresses],
                 "group": inst.group, "tracking_failed": inst.failed_tracks,
+                "gateway": name == self.config.gateway_instance,
                 "transitions": m.transitions,
             }
         return out

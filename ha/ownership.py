@@ -1,10 +1,16 @@
 """Address ownership: what a master installs and a backup removes.
 
-An instance's address that is a virtual server's address is a VIP: it is routed into the
-data plane's TUN and answered for with a proxy ARP entry on the instance's interface. Any
-other address (the servers' gateway) is held as an ordinary interface address. On taking
-addresses the node announces each with gratuitous ARPs, keepalived-style: ``count`` of them,
-``interval`` apart, so that switches and neighbours learn the new owner at once.
+Every address an instance holds (a virtual server's address, or the servers' gateway) is
+routed as a /32 into the data plane's TUN and answered for with a proxy ARP entry on the
+instance's interface (a prefix length given in the config is not used). The kernel answers a
+proxy entry only while the route leads out of another device, and the TUN route disappears
+with the TUN device, i.e. with the lbd process: so a SIGKILLed lbd stops answering ARP for
+its addresses at once, and the servers' replies that still reach it meet the reply table's
+blackhole instead of being forwarded untranslated (an interface address would outlive the
+process and keep attracting them). The data plane answers pings to a held address that is
+not a VIP. On taking addresses the node announces each with gratuitous ARPs,
+keepalived-style: ``count`` of them, ``interval`` apart, so that switches and neighbours
+learn the new owner at once.
 """
 
 from __future__ import annotations
@@ -20,23 +26,20 @@ log = logging.getLogger("lbd.ha")
 
 
 class AddressOwner:
-    def __init__(self, kernel: Kernel, tun_index: int, vips: Iterable[str]) -> None:
+    def __init__(self, kernel: Kernel, tun_index: int) -> None:
         self.kernel = kernel
         self.tun_index = tun_index
-        self.vips = frozenset(vips)
         self.held: dict[tuple[str, str], VrrpAddress] = {}  # (interface, address) → entry
         self.garps_sent = 0
 
-    def is_vip(self, entry: VrrpAddress) -> bool:
-        return entry.prefix_len == 32 and entry.address in self.vips
+    @property
+    def held_addresses(self) -> frozenset[str]:
+        return frozenset(address for _, address in self.held)
 
     async def take(self, ifname: str, addresses: Iterable[VrrpAddress], *, garp_count: int,
                    garp_interval: float, garp_refresh: float = 0.0) -> None:
         for entry in addresses:
-            if self.is_vip(entry):
-                await self.kernel.claim_vip(entry.address, self.tun_index, ifname)
-            else:
-                await self.kernel.claim_address(entry.address, entry.prefix_len, ifname)
+            await self.kernel.claim_vip(entry.address, self.tun_index, ifname)
             self.held[(ifname, entry.address)] = entry
             self.announce(ifname, entry.address, garp_count, garp_interval)
             if garp_refresh > 0:
@@ -46,10 +49,7 @@ class AddressOwner:
 
     async def release(self, ifname: str, addresses: Iterable[VrrpAddress]) -> None:
         for entry in addresses:
-            if self.is_vip(entry):
-                await self.kernel.release_vip(entry.address, ifname)
-            else:
-                await self.kernel.release_address(entry.address, entry.prefix_len, ifname)
+            await self.kernel.release_vip(entry.address, ifname)
             self.held.pop((ifname, entry.address), None)
 
     async def release_all(self) -> None:

@@ -99,6 +99,20 @@ class SessionGone:
 
 
 @dataclass(frozen=True, slots=True)
+class ReplySeen:
+    """Sent to a session's owner by the node that forwards its replies (the servers'
+    gateway holder): the server's side of the flow is alive, and ``flags`` are the TCP flags
+    of a reply that moves the state (FIN, RST), or 0 for a plain refresh."""
+
+    proto: int
+    caddr: int
+    cport: int
+    vaddr: int
+    vport: int
+    flags: int
+
+
+@dataclass(frozen=True, slots=True)
 class BindingRecord:
     """A client-IP persistence binding: ``client_net`` on virtual server (proto, vaddr, vport)
     goes to real server ``raddr:rport``."""
@@ -164,6 +178,7 @@ class HeartbeatAck:
 Record: TypeAlias = (
     SessionRecord
     | SessionGone
+    | ReplySeen
     | BindingRecord
     | BindingGone
     | Hello
@@ -217,6 +232,7 @@ class _T(enum.IntEnum):
     SESSION_GONE = 2
     BINDING = 3
     BINDING_GONE = 4
+    REPLY_SEEN = 5
     HELLO = 16
     SNAPSHOT_BEGIN = 17
     SNAPSHOT_END = 18
@@ -228,6 +244,7 @@ _SESSION = struct.Struct("!BIHIHIHBI")  # proto caddr cport vaddr vport raddr rp
 _SESSION_GONE = struct.Struct("!BIHIH")  # proto caddr cport vaddr vport
 _BINDING = struct.Struct("!BIHIIHII")  # proto vaddr vport client_net raddr rport timeout idle
 _BINDING_GONE = struct.Struct("!BIHI")  # proto vaddr vport client_net
+_REPLY_SEEN = struct.Struct("!BIHIHB")  # proto caddr cport vaddr vport tcp_flags
 _HELLO = struct.Struct("!Q")  # boot_id, then the node name in UTF-8 (rest of the body)
 _SNAPSHOT_END = struct.Struct("!II")
 _HEARTBEAT = struct.Struct("!Q")
@@ -237,6 +254,7 @@ _BATCHED: dict[type[Record], tuple[_T, struct.Struct]] = {
     SessionGone: (_T.SESSION_GONE, _SESSION_GONE),
     BindingRecord: (_T.BINDING, _BINDING),
     BindingGone: (_T.BINDING_GONE, _BINDING_GONE),
+    ReplySeen: (_T.REPLY_SEEN, _REPLY_SEEN),
 }
 _BATCH_STRUCT: dict[int, struct.Struct] = {int(t): s for t, s in _BATCHED.values()}
 
@@ -277,6 +295,9 @@ def _pack_record(rec: Record) -> bytes:
             )
         case BindingGone():
             return _BINDING_GONE.pack(rec.proto, rec.vaddr, rec.vport, rec.client_net)
+        case ReplySeen():
+            return _REPLY_SEEN.pack(rec.proto, rec.caddr, rec.cport, rec.vaddr, rec.vport,
+                                    rec.flags)
         case Hello():
             name = rec.node.encode()
             if not 1 <= len(name) <= MAX_NODE_NAME:
@@ -346,6 +367,8 @@ def _unpack_batch(ftype: int, body: bytes) -> list[Record] | DecodeErrorReason:
             BindingRecord(p, va, vp, cn, ra, rp, to / 1000, idle / 1000)
             for p, va, vp, cn, ra, rp, to, idle in fields
         ]
+    if ftype == _T.REPLY_SEEN:
+        return [ReplySeen(*f) for f in fields]
     return [BindingGone(*f) for f in fields]
 
 

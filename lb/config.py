@@ -27,7 +27,7 @@ import re
 import shlex
 import tomllib
 import types
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -275,6 +275,10 @@ class SyncConfig:
     listen: Endpoint
     peer: Endpoint
     key_file: str  # shared secret; the loader does not read it
+    # A server's reply that arrives before its session's record (the SYN-ACK of a flow the
+    # peer scheduled a moment ago) is held this long for the record, at most this many.
+    reply_hold_timeout: float = 0.1
+    reply_hold_packets: int = 1024
 
 
 def _no_pools() -> Mapping[str, PoolConfig]:
@@ -295,11 +299,24 @@ class Config:
     vrrp_instances: tuple[VrrpInstanceConfig, ...] = ()
     vrrp_groups: tuple[VrrpGroupConfig, ...] = ()
     sync: SyncConfig | None = None
+    # The instance that holds the servers' default gateway (``[vrrp] gateway``, or inferred:
+    # the one instance on the server interface holding addresses that are no virtual
+    # server's). None without VRRP or without such an instance.
+    gateway_instance: str | None = None
 
     @property
     def standalone(self) -> bool:
         """No VRRP instance: this node holds its VIPs alone."""
         return not self.vrrp_instances
+
+    def owner_of(self, address: str) -> str:
+        """The VRRP instance that holds a virtual server's address (``""`` standalone).
+
+        Validation guarantees exactly one for every virtual server's address."""
+        for inst in self.vrrp_instances:
+            if any(a.address == address for a in inst.addresses):
+                return inst.name
+        return ""
 
 
 class ConfigError(Exception):
@@ -382,10 +399,12 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
     metrics = _metrics(metrics_t) if metrics_t else MetricsConfig()
     virtual_servers = _virtual_servers(root, pool_names)
     pools = _pools(root)
-    instances, groups = _vrrp(root.table("vrrp"), pool_names)
+    instances, groups, gateway_raw = _vrrp(root.table("vrrp"), pool_names)
     sync_t = root.table("sync")
     sync = _sync(sync_t) if sync_t else None
     root.finish()
+    gateway = _ownership(errors, virtual_servers, instances, gateway_raw,
+                         dataplane.server_interface if dataplane else "")
 
     if errors.items or node is None or dataplane is None:
         raise ConfigError(errors.items)
@@ -400,7 +419,49 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
         vrrp_instances=instances,
         vrrp_groups=groups,
         sync=sync,
+        gateway_instance=gateway,
     )
+
+
+def _ownership(errors: _Errors, virtual_servers: Sequence[VirtualServerConfig],
+               instances: Sequence[VrrpInstanceConfig], gateway: str | None,
+               server_if: str) -> str | None:
+    """Active-active is plain config, so check what it rests on: with ``[vrrp]``, every
+    virtual server's address is held, as a /32, by exactly one instance (the loader already
+    refuses an address in two instances); and find the gateway instance."""
+    if not instances:
+        if gateway is not None:
+            errors.add("vrrp.gateway", "names an instance, but there are no VRRP instances")
+        return None
+    held = {a.address: (inst.name, i, a) for inst in instances
+            for i, a in enumerate(inst.addresses)}
+    vips = set()
+    for vs in virtual_servers:
+        vips.add(vs.address)
+        found = held.get(vs.address)
+        if found is None:
+            errors.add(f"virtual_servers.{vs.name}.address",
+                       f"{vs.address} is held by no VRRP instance: with [vrrp], every virtual "
+                       "server's address must be in the addresses of exactly one instance "
+                       "(nothing would announce it)")
+        elif found[2].prefix_len != 32:
+            errors.add(f"vrrp.instances.{found[0]}.addresses[{found[1]}]",
+                       f"{found[2]} is virtual server '{vs.name}''s address: it is routed "
+                       "into the data plane, so give it as a /32 (no prefix length)")
+    names = [inst.name for inst in instances]
+    if gateway is not None:
+        if gateway not in names:
+            errors.add("vrrp.gateway", f"no VRRP instance named '{gateway}'{_hint(gateway, names)}")
+            return None
+        return gateway
+    candidates = [inst.name for inst in instances if inst.interface == server_if
+                  and any(a.address not in vips for a in inst.addresses)]
+    if len(candidates) > 1:
+        errors.add("vrrp.gateway", f"instances {', '.join(candidates)} all hold addresses on "
+                   f"the server interface {server_if}: name the one that holds the servers' "
+                   "gateway")
+        return None
+    return candidates[0] if candidates else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -616,9 +677,10 @@ def _health_check(t: _Table) -> HealthCheckConfig:
 
 def _vrrp(
     t: _Table | None, pool_names: Collection[str]
-) -> tuple[tuple[VrrpInstanceConfig, ...], tuple[VrrpGroupConfig, ...]]:
+) -> tuple[tuple[VrrpInstanceConfig, ...], tuple[VrrpGroupConfig, ...], str | None]:
     if t is None:
-        return (), ()
+        return (), (), None
+    gateway = t.opt("gateway", _name)
     instances: list[VrrpInstanceConfig] = []
     vrids: dict[tuple[str, int], str] = {}
     holders: dict[str, str] = {}
@@ -667,7 +729,7 @@ def _vrrp(
         )
         gt.finish()
     t.finish()
-    return tuple(instances), tuple(groups)
+    return tuple(instances), tuple(groups), gateway
 
 
 def _instance(
@@ -759,6 +821,10 @@ def _sync(t: _Table) -> SyncConfig:
         listen=t.req("listen", _endpoint(), Endpoint("", 0)),
         peer=t.req("peer", _endpoint(unicast=True), Endpoint("", 0)),
         key_file=t.req("key_file", _string(), ""),
+        reply_hold_timeout=t.get("reply_hold_timeout", _duration(positive=True),
+                                 _default(SyncConfig, "reply_hold_timeout")),
+        reply_hold_packets=t.get("reply_hold_packets", _int(1, 1 << 20),
+                                 _default(SyncConfig, "reply_hold_packets")),
     )
     t.finish()
     return sync

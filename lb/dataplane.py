@@ -74,3 +74,17 @@ class DataPlane:
                 # One bad packet must never stop the loop: count it and go on.
                 fwd.errors += 1
         self.rx_packets += n_read
+
+    def write_ready(self) -> int:
+        """Write the packets the forwarder made ready outside a read (replies that were held
+        for the peer's session record). Returns how many."""
+        ready = self.forwarder.ready
+        if not ready:
+            return 0
+        self.forwarder.ready = []
+        for pkt in ready:
+            try:
+                os.write(self.fd, pkt)
+            except OSError:
+                self.tx_errors += 1
+        return len(ready)

@@ -12,6 +12,14 @@ The TUN shell reads a packet (virtio-net header + IPv4) into a reusable buffer a
 Direction is told by the destination: a packet addressed to a VIP comes from a client (only
 VIP routes lead into the TUN from the client side), anything else was steered in by the reply
 rules and comes from a real server.
+
+Active-active: a reply may belong to a session this node does not own (its VIP is mastered
+by the peer; this node holds the servers' gateway). It is forwarded from the synced copy, and
+what the server side did is reported to the owner through ``peer`` (a reply with FIN or RST,
+or a refresh at most once per half the session's timeout): the owner's table stays the truth.
+A reply that finds no session while a hold is configured waits in :mod:`lb.reply_hold` for
+the peer's record (``release_held``), and the packets to write then are pulled from
+``ready``.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from typing import Protocol
 
 from lb.packet import (
     ACK,
+    FIN,
     PROTO_ICMP,
     PROTO_TCP,
     RST,
@@ -35,6 +44,7 @@ from lb.packet import (
     translate_icmp_error_from_server,
 )
 from lb.persistence import Binding, PersistenceTable
+from lb.reply_hold import ReplyHold
 from lb.servers import RealServer
 from lb.services import Service, ServiceSet
 from lb.sessions import Session, SessionTable
@@ -51,6 +61,10 @@ class SessionEvents(Protocol):
     def session_added(self, s: Session[Service]) -> None: ...
     def session_changed(self, s: Session[Service]) -> None: ...
     def session_removed(self, s: Session[Service], reason: str) -> None: ...
+
+
+class PeerReports(Protocol):
+    def reply_seen(self, s: Session[Service], flags: int) -> None: ...
 
 
 class ServiceCounts:
@@ -81,9 +95,16 @@ class Forwarder:
     """Holds the tables and the service map; counts everything as plain integers."""
 
     def __init__(self, services: ServiceSet, sessions: SessionTable[Service],
-                 persistence: PersistenceTable[Service]) -> None:
+                 persistence: PersistenceTable[Service], *, peer: PeerReports | None = None,
+                 hold: ReplyHold | None = None) -> None:
         self.sessions = sessions
         self.persistence = persistence
+        self.peer = peer
+        self.hold = hold
+        self.ready: list[bytearray] = []  # released held replies, rewritten, to write
+        self.echo_addresses: frozenset[int] = frozenset()  # held addresses that are no VIP
+        # A copy's state is its owner's: report a reply after half its timeout of silence.
+        self._refresh_after = tuple(t / 2 for t in sessions.timeout_of)
         self.set_services(services)
         self.out = bytearray(VNET_HDR_LEN + 128)
         self.out_len = 0
@@ -132,17 +153,55 @@ class Forwarder:
             self.bytes_in += end - off
             return FORWARD
         if proto == PROTO_ICMP:
+            if sport == ICMP_ECHO_REQUEST and daddr in self.echo_addresses:
+                return self._icmp_from_client(buf, off, l4, end, sport)  # ping the gateway
             return self._icmp_from_server(buf, off, l4, end, sport)
-        s = self.sessions.lookup_reply(
-            (proto << 96) | (saddr << 64) | (daddr << 32) | (sport << 16) | dport)
+        rkey = (proto << 96) | (saddr << 64) | (daddr << 32) | (sport << 16) | dport
+        s = self.sessions.lookup_reply(rkey)
         if s is None:
+            if self.hold is not None and self.hold.hold(rkey, bytes(buf[:end]), now):
+                self.out_len = 0
+                return DROP  # held, not dropped: counted by the hold
             return self.drop("no_session")
-        self.sessions.seen_reply(s, flags, now)
         svc = s.service
+        if svc.owned:
+            self.sessions.seen_reply(s, flags, now)
+        elif flags & (FIN | RST):
+            if self.peer is not None:
+                self.peer.reply_seen(s, flags)
+        elif now - s.last_seen >= self._refresh_after[s.state]:
+            s.last_seen = now
+            if self.peer is not None:
+                self.peer.reply_seen(s, 0)
         rewrite_src(buf, off, l4, proto, svc.vaddr, svc.vport, partial)
         self.packets_out += 1
         self.bytes_out += end - off
         return FORWARD
+
+    def release_held(self, s: Session[Service], now: float) -> int:
+        """The peer's record for ``s`` arrived: rewrite the replies held for it into
+        ``ready``. Returns how many."""
+        if self.hold is None:
+            return 0
+        packets = self.hold.take(s.rkey, now)
+        svc = s.service
+        for pkt in packets:
+            buf = bytearray(pkt)
+            r = parse(buf, VNET_HDR_LEN, len(buf))
+            if type(r) is not tuple:  # it parsed when it was held
+                continue
+            proto, _, _, _, _, l4, _ = r
+            rewrite_src(buf, VNET_HDR_LEN, l4, proto, svc.vaddr, svc.vport, buf[0] & 1)
+            self.packets_out += 1
+            self.bytes_out += len(buf) - VNET_HDR_LEN
+            self.ready.append(buf)
+        return len(packets)
+
+    def expire_held(self, now: float) -> None:
+        if self.hold is not None:
+            n = self.hold.expire(now)
+            if n:
+                self.drops["reply_hold_timeout"] = self.drops.get("reply_hold_timeout", 0) + n
 
     def drop(self, reason: str) -> int:
         self.drops[reason] = self.drops.get(reason, 0) + 1

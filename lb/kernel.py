@@ -35,6 +35,7 @@ T = TypeVar("T")
 
 RTPROT_LBD = 241  # unassigned in /etc/iproute2/rt_protos
 RULE_RANGE = 64
+FALLBACK_METRIC = 0xFFFFFFFF  # the reply table's blackhole, behind the TUN route
 NTF_PROXY = 0x08
 ENOENT = 2
 EEXIST = 17
@@ -228,7 +229,19 @@ class Kernel:
         """Replies from real servers go into the TUN: a default route in our table and one
         rule per server, ``iif server_if from SERVER lookup table``."""
         await self._call(self._replace_route, "0.0.0.0/0", tun_index, self.route_table)
+        await self._call(self._blackhole_fallback)
         await self.set_reply_rules(server_if, servers)
+
+    def _blackhole_fallback(self) -> None:
+        # The TUN route dies with the TUN device, i.e. with the process: after a SIGKILL the
+        # servers' replies then meet this instead of the main table, which would forward them
+        # to the clients untranslated.
+        try:
+            self._ipr.route("add", dst="0.0.0.0/0", table=self.route_table, type="blackhole",
+                            priority=FALLBACK_METRIC, proto=RTPROT_LBD)
+        except NetlinkError as exc:
+            if exc.code != EEXIST:
+                raise
 
     def _set_reply_rules(self, server_if: str, wanted: list[str]) -> None:
         for msg in self._our_rules():
@@ -243,6 +256,8 @@ class Kernel:
 
     # ---- addresses the master holds ---------------------------------------------------------
     def _claim_vip(self, vip: str, tun_index: int, client_if: str) -> None:
+        with contextlib.suppress(OSError):  # answer ARP for it at once, not after a delay
+            write_sysctl(f"net.ipv4.neigh.{client_if}.proxy_delay", "0")
         self._replace_route(f"{vip}/32", tun_index, 254)
         try:
             self._ipr.neigh("add", dst=vip, ifindex=self._index(client_if), flags=NTF_PROXY,
@@ -252,7 +267,9 @@ class Kernel:
                 raise
 
     async def claim_vip(self, vip: str, tun_index: int, client_if: str) -> None:
-        """Route the VIP into the data plane and answer ARP for it on the client side."""
+        """Route the address into the data plane and answer ARP for it on ``client_if``
+        (a proxy neighbour entry: answered only while the route leads into the TUN, which
+        lives and dies with lbd, so a killed lbd answers no ARP for it)."""
         await self._call(self._claim_vip, vip, tun_index, client_if)
 
     def _release_vip(self, vip: str, client_if: str) -> None:
@@ -265,27 +282,6 @@ class Kernel:
 
     async def release_vip(self, vip: str, client_if: str) -> None:
         await self._call(self._release_vip, vip, client_if)
-
-    def _claim_address(self, address: str, prefixlen: int, ifname: str) -> None:
-        try:
-            self._ipr.addr("add", index=self._index(ifname), address=address,
-                           prefixlen=prefixlen, IFA_PROTO=RTPROT_LBD)
-        except NetlinkError as exc:
-            if exc.code != EEXIST:
-                raise
-
-    async def claim_address(self, address: str, prefixlen: int, ifname: str) -> None:
-        """Hold ``address/prefixlen`` as an interface address (tagged as ours)."""
-        await self._call(self._claim_address, address, prefixlen, ifname)
-
-    def _release_address(self, address: str, prefixlen: int, ifname: str) -> None:
-        idx = self._ifindex(ifname)
-        if idx is not None:
-            with contextlib.suppress(NetlinkError):
-                self._ipr.addr("del", index=idx, address=address, prefixlen=prefixlen)
-
-    async def release_address(self, address: str, prefixlen: int, ifname: str) -> None:
-        await self._call(self._release_address, address, prefixlen, ifname)
 
     # ---- helpers ----------------------------------------------------------------------------
     def _index(self, ifname: str) -> int:

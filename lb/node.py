@@ -19,8 +19,11 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 
 from ha.controller import HaController
 from ha.ownership import AddressOwner
+from ha.replication import Replicator
+from ha.roles import Lost, PeerSnapshotComplete, Roles, Took
 from ha.sync import SyncService
 from ha.sync_codec import load_key
+from ha.vrrp_machine import State
 from lb.addr import endpoint, int_to_ip, ip_to_int
 from lb.config import Config, ConfigError, VrrpAddress, load_config
 from lb.control import CommandError, ControlServer
@@ -32,9 +35,10 @@ from lb.health.state import Transition
 from lb.kernel import Kernel
 from lb.metrics import MetricsServer, SourceCollector, dataplane_metrics
 from lb.persistence import PersistenceTable
+from lb.reply_hold import ReplyHold
 from lb.servers import AdminState, RealServer, candidates
 from lb.services import Service, ServiceSet, build_services
-from lb.sessions import SessionTable, SessionTimeouts, TcpState
+from lb.sessions import Session, SessionTable, SessionTimeouts, TcpState
 from lb.tun import open_tun
 
 log = logging.getLogger("lbd")
@@ -114,13 +118,20 @@ class Node:
         self.kernel: Kernel | None = None
         self.tun_fd = -1
         self.tun_index = 0
+        # Which VRRP instances this node masters: the one owner of roles (see ha.roles).
+        self.roles = (Roles.standalone() if config.standalone
+                      else Roles(ic.name for ic in config.vrrp_instances))
         self.services: ServiceSet = build_services(config)
+        self.services.follow(self.roles.masters)
         self.counts = ServiceCounts()
         self.sessions: SessionTable[Service] = SessionTable(
             session_timeouts(config), config.sessions.max_sessions,
             tick=config.sessions.expiry_tick, observer=self.counts)
         self.persistence: PersistenceTable[Service] = PersistenceTable()
-        self.forwarder = Forwarder(self.services, self.sessions, self.persistence)
+        hold = (ReplyHold(config.sync.reply_hold_timeout, config.sync.reply_hold_packets)
+                if config.sync is not None else None)
+        self.forwarder = Forwarder(self.services, self.sessions, self.persistence, hold=hold)
+        self.forwarder.echo_addresses = self._echo_addresses(config)
         self.dataplane: DataPlane | None = None
         self.monitor: HealthMonitor | None = None
         self.check_stats = CheckStats()
@@ -130,7 +141,7 @@ class Node:
         self.collector = SourceCollector()
         self.registry.register(self.collector)
         self.sync: SyncService | None = None
-        self._was_master = False
+        self.replicator: Replicator | None = None
         self.owner: AddressOwner | None = None
         self.ha: HaController | None = None
         self._expiry: asyncio.TimerHandle | None = None
@@ -172,15 +183,14 @@ class Node:
             self.metrics_server = MetricsServer(cfg.metrics.listen.host, cfg.metrics.listen.port,
                                                 self.registry)
             await self.metrics_server.start()
-        self.owner = AddressOwner(self.kernel, self.tun_index,
-                                  {vc.address for vc in cfg.virtual_servers})
+        self.owner = AddressOwner(self.kernel, self.tun_index)
         if cfg.sync is not None:
             await self._start_sync(cfg)
         if cfg.standalone:
             await self.hold_vips()
         else:
             self.ha = HaController(cfg, self.kernel, self.owner, self.pool_usable,
-                                   gate_open=self._gate_open, on_master=self._on_master)
+                                   gate_open=self._gate_open, on_state=self._on_vrrp_state)
             await self.ha.start()
             self.collector.sources.append(self.ha.metrics)
         log.info("lbd node %s started: %d virtual servers, %d pools", cfg.node.name,
@@ -192,10 +202,16 @@ class Node:
             key = load_key(Path(cfg.sync.key_file).read_bytes())
         except (OSError, ValueError) as exc:
             raise RuntimeError(f"{cfg.source}: sync.key_file: {exc}") from exc
-        self.sync = SyncService(cfg.sync, key, cfg.node.name, self.sessions, self.persistence,
-                                lambda: self.services, self.is_master)
-        self.counts.downstream = self.sync
-        self.persistence.observer = self.sync
+        rep = Replicator(self.sessions, self.persistence, lambda: self.services,
+                         time.monotonic, on_installed=self._installed)
+        self.sync = SyncService(cfg.sync, key, cfg.node.name, rep,
+                                masters_any=lambda: self.roles.masters_any,
+                                on_snapshot=self._peer_snapshot)
+        rep.wake = self.sync.kick
+        self.replicator = rep
+        self.counts.downstream = rep
+        self.persistence.observer = rep
+        self.forwarder.peer = rep
         await self.sync.start()
         self.collector.sources.append(self.sync.metrics)
 
@@ -250,15 +266,55 @@ class Node:
 
     def _expire(self) -> None:
         now = time.monotonic()
-        master = self.is_master()
-        if self._was_master and not master and self.sync is not None:
-            self.sync.became_backup()
-        self._was_master = master
-        if self.sync is None or not self.sync.holding:
-            # A backup fed by its master leaves expiry to the master (see ha.sync).
-            self.sessions.expire(now)
-            self.persistence.expire(now)
+        # The peer's copies are expired by their owner while its stream is up.
+        keep = self.replicator.keep if self.replicator is not None else None
+        self.sessions.expire(now, keep=keep)
+        self.persistence.expire(now, keep=keep)
+        self.forwarder.expire_held(now)
         self._schedule_expiry()
+
+    # ---- roles ------------------------------------------------------------------------------
+    def _on_vrrp_state(self, instance: str, state: State) -> None:
+        """Every VRRP state change, in order (a flip between two ticks is two changes)."""
+        self.roles.vrrp_state(instance, master=state is State.MASTER)
+        self._follow_roles()
+
+    def _peer_snapshot(self) -> None:
+        self.roles.peer_snapshot()
+        self._follow_roles()
+
+    def _follow_roles(self) -> None:
+        """Make the data plane, the sync stream and the takeover gate follow what changed."""
+        while (ev := self.roles.next_event()) is not None:
+            if isinstance(ev, Took):
+                self.services.follow(self.roles.masters)
+                now = time.monotonic()
+                name = ev.instance
+
+                def of_instance(svc: Service, name: str = name) -> bool:
+                    return svc.owner == name
+
+                n = self.sessions.refresh(of_instance, now)
+                self.persistence.refresh(of_instance, now)
+                log.info("took instance %s: %d sessions adopted", name, n)
+            elif isinstance(ev, Lost):
+                self.services.follow(self.roles.masters)
+                log.info("lost instance %s: its sessions are the peer's now", ev.instance)
+                if self.sync is not None:
+                    self.sync.resync()
+            elif isinstance(ev, PeerSnapshotComplete) and self.ha is not None:
+                self.ha.pools_changed()  # the takeover gate opened: use our priority now
+
+    def _installed(self, s: Session[Service]) -> None:
+        """The peer's record for ``s`` was installed: send the replies held for it."""
+        if self.forwarder.release_held(s, time.monotonic()) and self.dataplane is not None:
+            self.dataplane.write_ready()
+
+    @staticmethod
+    def _echo_addresses(config: Config) -> frozenset[int]:
+        vips = {vc.address for vc in config.virtual_servers}
+        return frozenset(ip_to_int(a.address) for ic in config.vrrp_instances
+                         for a in ic.addresses if a.address not in vips)
 
     # ---- health -----------------------------------------------------------------------------
     def _start_health(self) -> None:
@@ -311,14 +367,13 @@ class Node:
         if self.monitor is not None:
             await self.monitor.stop()
         self.services = build_services(new, self.services)
+        self.services.follow(self.roles.masters)
         self.forwarder.set_services(self.services)
         self.config = new
         assert self.kernel is not None
         await self.kernel.set_reply_rules(new.dataplane.server_interface,
                                           self._server_addresses())
         if new.standalone:
-            assert self.owner is not None
-            self.owner.vips = frozenset(vc.address for vc in new.virtual_servers)
             await self.hold_vips()
         self._start_health()
         self.reloads += 1
@@ -352,10 +407,12 @@ class Node:
             "vrrp": {k: {"state": v["state"]} for k, v in self.vrrp_status().items()},
             "sessions": len(self.sessions),
             "persistence": len(self.persistence),
+            "masters": sorted(self.roles.mastered),
             "sync": self.sync_status(),
             "virtual_servers": {s.name: {"address": endpoint(s.vaddr, s.vport),
                                          "protocol": PROTO_NAMES[s.proto],
                                          "active_sessions": s.active,
+                                         "instance": s.owner or None, "owned": s.owned,
                                          "held": self._held(int_to_ip(s.vaddr))}
                                 for s in self.services.services},
         }
@@ -398,21 +455,8 @@ class Node:
             return {"connected": False, "configured": False}
         return {"configured": True, **self.sync.status()}
 
-    def is_master(self) -> bool:
-        """Does this node forward traffic (standalone, or master of a VRRP instance)?"""
-        if self.config.standalone:
-            return True
-        return self.ha is not None and self.ha.is_master()
-
     def _gate_open(self) -> bool:
         return self.sync is None or self.sync.gate_open
-
-    def _on_master(self) -> None:
-        """A VRRP instance became master: once per takeover (``_was_master`` is refreshed
-        every expiry tick), mark the table fresh and hand the peer our tables."""
-        if self.sync is not None and not self._was_master:
-            self.sync.became_master()
-        self._was_master = True
 
     def set_admin(self, args: list[str], state: AdminState) -> dict[str, Any]:
         if len(args) != 2:
@@ -441,4 +485,14 @@ class Node:
             "lbd_dataplane_write_errors_total": dp.tx_errors if dp else 0,
             "lbd_config_reloads_total": self.reloads,
             "lbd_config_reload_failures_total": self.reload_failures,
+            **self._hold_counters(),
         }
+
+    def _hold_counters(self) -> dict[str, int]:
+        hold = self.forwarder.hold
+        if hold is None:
+            return {}
+        return {"lbd_sync_replies_held_total": hold.held_total,
+                "lbd_sync_replies_released_total": hold.released_total,
+                "lbd_sync_reply_hold_full_total": hold.full_drops,
+                "lbd_sync_reply_hold_wait_microseconds_total": int(hold.wait_total * 1e6)}

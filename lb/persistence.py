@@ -23,7 +23,7 @@ Pure: time is always the ``now`` argument.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Final, Generic, Protocol, TypeVar
 
 from lb.servers import RealServer
@@ -277,18 +277,37 @@ class PersistenceTable(Generic[S]):
             self.observer.binding_changed(b)
         return b
 
-    def expire(self, now: float, budget: int = 1000) -> int:
+    def expire(self, now: float, budget: int = 1000,
+               keep: Callable[[S], bool] | None = None) -> int:
         """Remove bindings expired at ``now``; touch at most ``budget``. Returns how many.
+
+        A due binding whose service ``keep`` says to keep (the peer owns it) is filed again
+        one timeout later instead.
 
         Call it every ``tick``: a binding is then removed no later than expiry + tick, and
         never before its expiry. With the budget spent, the next call resumes where it
         stopped.
         """
         due = self._wheel.sweep(now, budget)
+        n = 0
         for b in due:
+            if keep is not None and keep(b.service):
+                self._wheel.file(b, now + b.timeout)
+                continue
             self._drop(b, "expired")
-        self.expired_total += len(due)
-        return len(due)
+            n += 1
+        self.expired_total += n
+        return n
+
+    def refresh(self, owned: Callable[[S], bool], now: float) -> int:
+        """Mark the bindings of the services ``owned`` says as just used (a takeover adopts
+        the peer's bindings with fresh idle clocks). Returns how many it touched."""
+        n = 0
+        for b in self._map.values():
+            if owned(b.service):
+                b.last_used = max(b.last_used, now)
+                n += 1
+        return n
 
     # --- internals -----------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ schedulers of every service that uses the pool.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from lb.addr import ip_to_int
@@ -59,6 +59,11 @@ class Service:
     persistence: bool
     persistence_timeout: float
     persistence_mask: int
+    # The VRRP instance that holds the VIP ("" standalone): its master owns this service's
+    # sessions and bindings. ``owned`` is whether this node masters it now; the node sets it
+    # from ha.roles, and the data plane reads it per packet.
+    owner: str = ""
+    owned: bool = True
     # counters read at scrape time
     active: int = 0
     created_total: int = 0  # sessions this node scheduled (not those synced from the peer)
@@ -97,7 +102,8 @@ def build_pool(cfg: PoolConfig, previous: Pool | None = None) -> Pool:
     return Pool(name=cfg.name, servers=servers, on_server_down=cfg.on_server_down)
 
 
-def build_service(cfg: VirtualServerConfig, pool: Pool, previous: Service | None) -> Service:
+def build_service(cfg: VirtualServerConfig, pool: Pool, previous: Service | None,
+                  owner: str = "") -> Service:
     """A runtime service; one that existed before a reload with the same VIP:port/protocol is
     updated in place, so that its sessions (which point at it) and counters carry over."""
     proto, vaddr = PROTOCOLS[cfg.protocol], ip_to_int(cfg.address)
@@ -109,10 +115,12 @@ def build_service(cfg: VirtualServerConfig, pool: Pool, previous: Service | None
         svc.pool, svc.scheduler = pool, scheduler
         svc.persistence, svc.persistence_timeout = persistent, cfg.persistence_timeout
         svc.persistence_mask = mask
+        svc.owner = owner
     else:
         svc = Service(name=cfg.name, proto=proto, vaddr=vaddr, vport=cfg.port, pool=pool,
                       scheduler=scheduler, persistence=persistent,
-                      persistence_timeout=cfg.persistence_timeout, persistence_mask=mask)
+                      persistence_timeout=cfg.persistence_timeout, persistence_mask=mask,
+                      owner=owner)
     pool.services.append(svc)
     return svc
 
@@ -131,6 +139,11 @@ class ServiceSet:
         for pool in self.pools.values():
             yield from pool.servers
 
+    def follow(self, masters: Callable[[str], bool]) -> None:
+        """Set every service's ``owned`` from the roles (``masters(instance)``)."""
+        for svc in self.services:
+            svc.owned = masters(svc.owner)
+
 
 def build_services(config: Config, previous: ServiceSet | None = None) -> ServiceSet:
     """Build (or rebuild on reload) the runtime model; see build_pool and build_service for
@@ -138,7 +151,8 @@ def build_services(config: Config, previous: ServiceSet | None = None) -> Servic
     old_pools: Mapping[str, Pool] = previous.pools if previous else {}
     old_services = {s.name: s for s in previous.services} if previous else {}
     pools = {name: build_pool(pc, old_pools.get(name)) for name, pc in config.pools.items()}
-    services = [build_service(vc, pools[vc.pool], old_services.get(vc.name))
+    services = [build_service(vc, pools[vc.pool], old_services.get(vc.name),
+                              config.owner_of(vc.address))
                 for vc in config.virtual_servers]
     for pool in pools.values():
         pool.refresh()

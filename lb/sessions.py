@@ -317,6 +317,7 @@ class SessionTable(Generic[S]):
 
         self._wheel: TimingWheel[Session[S]] = TimingWheel(tick, deadline)
         self._timeout_of = timeout_of
+        self.timeout_of = timeout_of  # idle timeout by state value
         self.timeouts = timeouts
         self.max_sessions = max_sessions
         self.tick = tick
@@ -511,18 +512,36 @@ class SessionTable(Generic[S]):
         if self._wheel.discard(s):
             self._drop(s, reason, now)
 
-    def expire(self, now: float, budget: int = 1000) -> int:
+    def expire(self, now: float, budget: int = 1000,
+               keep: Callable[[S], bool] | None = None) -> int:
         """Remove the sessions whose deadline is ``<= now`` (reason "expired").
 
         Touches at most ``budget`` sessions; the next call resumes where this one stopped.
         Called every ``tick``, it removes each session within a tick after its deadline, and
-        never before. Returns how many it removed.
+        never before. A due session whose service ``keep`` says to keep (a copy whose owner,
+        the peer, decides when it ends) is filed again one timeout later instead. Returns how
+        many it removed.
         """
         due = self._wheel.sweep(now, budget)
+        n = 0
         for s in due:
+            if keep is not None and keep(s.service):
+                self._wheel.file(s, now + self._timeout_of[s.state])
+                continue
             self._drop(s, "expired", now)
-        self.expired_total += len(due)
-        return len(due)
+            n += 1
+        self.expired_total += n
+        return n
+
+    def refresh(self, owned: Callable[[S], bool], now: float) -> int:
+        """Mark every session of the services ``owned`` says as just seen (a takeover adopts
+        the peer's sessions with fresh idle clocks). Returns how many it touched."""
+        n = 0
+        for s in self._fwd.values():
+            if owned(s.service):
+                s.last_seen = max(s.last_seen, now)
+                n += 1
+        return n
 
     # --- internals -----------------------------------------------------------------------
 

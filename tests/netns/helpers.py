@@ -9,7 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from lab.harness import Holder
 from tests.netns.harness import LabEnv
 
-__all__ = ["Holder", "Samples", "cut_vrrp", "drops", "metric", "scrape"]
+__all__ = ["Holder", "Samples", "cut_vrrp", "drops", "holds", "metric", "scrape"]
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -41,3 +41,10 @@ def cut_vrrp(env: LabEnv, cut: bool) -> None:
         for host in ("lba", "lbb"):
             env.lab.sh("sw", f"bridge link set dev {bridge[:4]}-{host} "
                              f"mcast_flood {'off' if cut else 'on'}")
+
+
+def holds(env: LabEnv, host: str, address: str, ifname: str) -> bool:
+    """Does lbd on ``host`` hold ``address``: routed into its TUN, proxy ARP on ``ifname``?"""
+    route = env.lab.sh(host, f"ip -4 route show {address}/32")
+    proxy = env.lab.sh(host, f"ip neigh show proxy dev {ifname}")
+    return "lbtun0" in route and address in proxy.split()
