@@ -44,8 +44,13 @@ Schedulers
 
 Maglev
 ------
-The lookup table has ``M`` slots, ``M`` the smallest prime >= 100 x the number of servers
-(so >= 101). Each server's preference list is the permutation
+The lookup table has ``M`` slots, ``M`` the smallest prime >= 100 x the pool's size (so >= 101):
+the number of servers in the pool's configuration (``Maglev(pool_size)``, which
+``make_scheduler`` passes through), or the number of servers given when that is larger. So
+``M`` stays put while servers fail and recover, and the two nodes, reading the same
+configuration, use the same ``M``. (Without ``pool_size`` the table is sized on the servers of
+the update, and then any change of their number changes ``M`` and remaps nearly every
+client.) Each server's preference list is the permutation
 ``(offset + j * skip) mod M`` with ``offset = h1(key) mod M`` and ``skip = h2(key) mod (M - 1)
 + 1``, where ``h1`` and ``h2`` are two independent BLAKE2b hashes (distinct personalisation
 strings) of the server key ``"ADDR:PORT"``. A client maps to slot ``mix32(caddr) mod M``; the
@@ -485,7 +490,8 @@ class Maglev:
 
     name = "maglev"
 
-    def __init__(self) -> None:
+    def __init__(self, pool_size: int = 0) -> None:
+        self._pool_size = pool_size
         self._table: tuple[RealServer, ...] = ()
         self._keys: tuple[str, ...] = ()
         self._members: tuple[RealServer, ...] = ()
@@ -519,7 +525,7 @@ class Maglev:
                 slots = []
                 changed = len(old_keys)
         else:
-            size = maglev_table_size(len(keyed))
+            size = maglev_table_size(max(self._pool_size, len(keyed)))
             slots = maglev_populate([(k, weights[k]) for k in names], size)
             changed = _changed(old_keys, [names[i] for i in slots])
         self._weights = weights
@@ -545,12 +551,18 @@ _FACTORIES: dict[str, Callable[[], Scheduler]] = {
 }
 
 
-def make_scheduler(name: str) -> Scheduler:
-    """A fresh scheduler for ``name`` (one of :data:`SCHEDULERS`); ``ValueError`` otherwise."""
+def make_scheduler(name: str, *, pool_size: int = 0) -> Scheduler:
+    """A fresh scheduler for ``name`` (one of :data:`SCHEDULERS`); ``ValueError`` otherwise.
+
+    ``pool_size``, the number of servers in the pool's configuration, sizes the ``maglev``
+    table; the other schedulers do not need it.
+    """
     try:
         factory = _FACTORIES[name]
     except KeyError:
         raise ValueError(
             f"unknown scheduler {name!r} (expected one of {', '.join(SCHEDULERS)})"
         ) from None
+    if factory is Maglev:
+        return Maglev(pool_size)
     return factory()

@@ -392,6 +392,17 @@ def test_maglev_table_size(n: int, m: int) -> None:
     assert maglev_table_size(n) == m
 
 
+def test_maglev_table_sized_for_the_pool() -> None:
+    pool = servers(7)
+    m = Maglev(pool_size=6)
+    for alive in (pool[:4], pool[:1], pool[:6]):
+        m.update(alive)
+        assert len(m.table) == maglev_table_size(6)
+    m.update(pool)  # more servers than configured: M grows to fit them
+    assert len(m.table) == maglev_table_size(7)
+    assert make_scheduler("maglev", pool_size=6).update(pool[:2]) == maglev_table_size(6)
+
+
 @FAST
 @given(st.text(min_size=1, max_size=30), st.sampled_from([101, 211, 307, 1009]))
 def test_maglev_permutation_covers_table(key: str, size: int) -> None:
