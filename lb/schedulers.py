@@ -37,15 +37,21 @@ Schedulers
     every server's buckets spread evenly over the table (the turn order below). A client
     address is mixed with a fixed 32-bit finaliser and masked to a bucket. When that bucket's
     server does not accept new sessions the next buckets are tried in order (IPVS's
-    ``sh-fallback``). Every change rebuilds the table from scratch, as IPVS does: cheap, but
-    a server joining or leaving remaps many clients. Use ``maglev`` for minimal disruption.
+    ``sh-fallback``). Every change rebuilds the table from scratch, as IPVS does, so the table
+    is a function of the set of (key, weight) pairs, like Maglev's below: cheap, but a server
+    joining or leaving remaps many clients. Use ``maglev`` for minimal disruption.
 ``maglev``
     Maglev consistent hashing (Eisenbud et al., NSDI 2016, section 3.4), described below.
 
 Maglev
 ------
-The lookup table has ``M`` slots, ``M`` the smallest prime >= 100 x the number of servers
-(so >= 101). Each server's preference list is the permutation
+The lookup table has ``M`` slots, ``M`` the smallest prime >= 100 x the pool's size (so >= 101):
+the number of servers in the pool's configuration (``Maglev(pool_size)``, which
+``make_scheduler`` passes through), or the number of servers given when that is larger. So
+``M`` stays put while servers fail and recover, and the two nodes, reading the same
+configuration, use the same ``M``. (Without ``pool_size`` the table is sized on the servers of
+the update, and then any change of their number changes ``M`` and remaps nearly every
+client.) Each server's preference list is the permutation
 ``(offset + j * skip) mod M`` with ``offset = h1(key) mod M`` and ``skip = h2(key) mod (M - 1)
 + 1``, where ``h1`` and ``h2`` are two independent BLAKE2b hashes (distinct personalisation
 strings) of the server key ``"ADDR:PORT"``. A client maps to slot ``mix32(caddr) mod M``; the
@@ -63,23 +69,29 @@ counts are the quotas: equal weights give the paper's within-one balance. (Katra
 rounds honour weights the same way, but a heavy server can then stray from its share by up to
 the number of servers.)
 
-Churn policy (a hybrid):
+Every update populates the table from scratch, so the table is a function of ``M`` and the
+set of (key, weight) pairs alone (a server of weight 0 counts as absent): not of the order the
+servers are given in, nor of the joins, leaves and weight changes that led to that set. The
+two nodes of a pair, seeing the same usable servers, therefore send a new client to the same
+server -- so a flow the peer takes over before its session was synced (a UDP flow, a
+retransmitted SYN) is scheduled onto the server it had -- and a restarted node builds the
+table its predecessor had.
 
-* **canonical on join** -- the first build, and any update that adds a server or changes a
-  weight, populates the table from scratch as above. The result depends only on the set of
-  (key, weight) pairs, not on the order given, so two LB nodes agree whenever they see the same
-  servers -- in particular whenever all servers are up.
-* **minimal disruption on leave** -- an update that only removes servers (a weight dropping to
-  0 counts as removal) keeps ``M`` and every slot of the remaining servers, and refills exactly
-  the removed servers' slots: the remaining server with the lowest ``(count + 1) / weight``
-  (first by key on a tie) repeatedly claims the next free slot of its own permutation. Counts
-  stay balanced (within one for equal weights), and no client of a surviving server moves.
-  Such a table depends on history; the next join brings every node back to the canonical
-  table (removing a server and adding it back yields exactly the table from before).
+The price is some collateral churn, the paper's "near-minimal" disruption: when a server
+leaves, its own slots move, and so do a few slots of servers that stay, because the
+population's later turns land differently. Measured at 100 slots per server, counting only
+slots of servers that stay: for pools of 2 to 20 servers of equal weight (``198.18.0.11:8080``
+upwards, all up) with each server leaving in turn, at most 3.8% of ``M`` move, 2.4% on average
+(a 10-server pool's leaver has 10% of ``M``); over 90 000 random cases (any subset of such a
+pool up, weights 1 to 4, one of them leaving), median 1.3%, 99th percentile 3.4%, worst 8.9%.
+The tail comes from servers whose permutations are related (equal or multiple ``skip``) and
+shrinks with more slots per server (with random keys, 99th percentile 3.7% at 100 slots per
+server, 1.1% at 1000). A join moves the same slots in reverse: a server that leaves and comes
+back gets exactly its old slots, and the other servers theirs.
 
 ``update`` returns the number of slots whose server changed; when the table size changes
-(a join with a different server count, or a table becoming empty) every slot's lookup changes,
-and the larger of the two sizes is returned.
+(the first build, a table becoming empty, or more servers than ``pool_size``) every slot's
+lookup changes, and the larger of the two sizes is returned.
 
 Server keys must be unique within one update (``ValueError`` otherwise): the tables are built
 from keys, and two servers under one key could not be told apart on another node.
@@ -88,11 +100,9 @@ from keys, and two servers under one key could not be told apart on another node
 from __future__ import annotations
 
 import hashlib
-import heapq
 import itertools
 import math
 from collections.abc import Callable, Sequence
-from fractions import Fraction
 from typing import Protocol
 
 from lb.servers import RealServer
@@ -246,36 +256,6 @@ def maglev_populate(servers: Sequence[tuple[str, int]], size: int) -> list[int]:
         table[slot] = i
         nxt[i] = j + 1
     return table
-
-
-def _refill(
-    table: list[int], servers: Sequence[tuple[str, int]], size: int, free: Sequence[int]
-) -> None:
-    """Give the ``free`` slots (marked -1 in ``table``) to ``servers``, in place.
-
-    Water-filling: the server with the lowest ``(count + 1) / weight`` (lowest index on a tie)
-    claims the next free slot of its permutation, until no slot is free.
-    """
-    counts = [0] * len(servers)
-    for idx in table:
-        if idx >= 0:
-            counts[idx] += 1
-    perms = [maglev_permutation(key, size) for key, _ in servers]
-    nxt = [0] * len(servers)
-    heap = [(Fraction(counts[i] + 1, w), i) for i, (_, w) in enumerate(servers)]
-    heapq.heapify(heap)
-    for _ in range(len(free)):
-        _, i = heapq.heappop(heap)
-        offset, skip = perms[i]
-        j = nxt[i]
-        slot = (offset + j * skip) % size
-        while table[slot] >= 0:
-            j += 1
-            slot = (offset + j * skip) % size
-        table[slot] = i
-        nxt[i] = j + 1
-        counts[i] += 1
-        heapq.heappush(heap, (Fraction(counts[i] + 1, servers[i][1]), i))
 
 
 def _by_key(servers: Sequence[RealServer]) -> list[tuple[str, RealServer]]:
@@ -485,7 +465,8 @@ class Maglev:
 
     name = "maglev"
 
-    def __init__(self) -> None:
+    def __init__(self, pool_size: int = 0) -> None:
+        self._pool_size = pool_size
         self._table: tuple[RealServer, ...] = ()
         self._keys: tuple[str, ...] = ()
         self._members: tuple[RealServer, ...] = ()
@@ -500,33 +481,19 @@ class Maglev:
         keyed = _by_key(servers)
         names = [k for k, _ in keyed]
         weights = {key: s.effective_weight for key, s in keyed}
-        old_keys = self._keys
-        old_weights = self._weights
-        if weights == old_weights:
-            # Same servers, same weights: keep the table, follow any replaced objects.
-            changed = 0
+        if weights == self._weights:
+            # The table is a function of the weights: keep it, follow any replaced objects.
             index = {k: i for i, k in enumerate(names)}
-            slots = [index[k] for k in old_keys]
-        elif old_keys and all(old_weights.get(k) == w for k, w in weights.items()):
-            # Only removals: keep M and every surviving slot, refill the freed ones.
-            index = {k: i for i, k in enumerate(names)}
-            slots = [index.get(k, -1) for k in old_keys]
-            free = [i for i, v in enumerate(slots) if v < 0]
-            if names:
-                _refill(slots, [(k, weights[k]) for k in names], len(slots), free)
-                changed = len(free)
-            else:
-                slots = []
-                changed = len(old_keys)
+            slots = [index[k] for k in self._keys]
         else:
-            size = maglev_table_size(len(keyed))
+            size = maglev_table_size(max(self._pool_size, len(keyed)))
             slots = maglev_populate([(k, weights[k]) for k in names], size)
-            changed = _changed(old_keys, [names[i] for i in slots])
+        old_keys = self._keys
         self._weights = weights
         self._keys = tuple(names[i] for i in slots)
         self._table = tuple(keyed[i][1] for i in slots)
         self._members = tuple(dict.fromkeys(self._table))
-        return changed
+        return _changed(old_keys, self._keys)
 
     def pick(self, caddr: int, cport: int) -> RealServer | None:
         table = self._table
@@ -545,12 +512,18 @@ _FACTORIES: dict[str, Callable[[], Scheduler]] = {
 }
 
 
-def make_scheduler(name: str) -> Scheduler:
-    """A fresh scheduler for ``name`` (one of :data:`SCHEDULERS`); ``ValueError`` otherwise."""
+def make_scheduler(name: str, *, pool_size: int = 0) -> Scheduler:
+    """A fresh scheduler for ``name`` (one of :data:`SCHEDULERS`); ``ValueError`` otherwise.
+
+    ``pool_size``, the number of servers in the pool's configuration, sizes the ``maglev``
+    table; the other schedulers do not need it.
+    """
     try:
         factory = _FACTORIES[name]
     except KeyError:
         raise ValueError(
             f"unknown scheduler {name!r} (expected one of {', '.join(SCHEDULERS)})"
         ) from None
+    if factory is Maglev:
+        return Maglev(pool_size)
     return factory()

@@ -107,7 +107,7 @@ def build_service(cfg: VirtualServerConfig, pool: Pool, previous: Service | None
     """A runtime service; one that existed before a reload with the same VIP:port/protocol is
     updated in place, so that its sessions (which point at it) and counters carry over."""
     proto, vaddr = PROTOCOLS[cfg.protocol], ip_to_int(cfg.address)
-    scheduler = make_scheduler(cfg.scheduler)
+    scheduler = make_scheduler(cfg.scheduler, pool_size=len(pool.servers))
     mask = netmask(cfg.persistence_netmask)
     persistent = cfg.persistence == "client-ip"
     if previous is not None and previous.key == service_key(proto, vaddr, cfg.port):

@@ -313,17 +313,6 @@ def test_client_hash_fixed() -> None:
 
 
 @FAST
-@given(st.permutations(servers(6)), st.lists(st.integers(1, 10), min_size=6, max_size=6))
-def test_sh_order_independent(order: list[RealServer], weights: list[int]) -> None:
-    for i, s in enumerate(sorted(order, key=lambda s: s.key)):
-        s.effective_weight = weights[i]
-    a, b = SourceHash(), SourceHash()
-    a.update(order)
-    b.update(sorted(order, key=lambda s: s.key))
-    assert a.table == b.table
-
-
-@FAST
 @given(st.lists(st.integers(min_value=1, max_value=10), min_size=1, max_size=12))
 def test_sh_bucket_shares_follow_weights(weights: list[int]) -> None:
     pool = [server(11 + i, w) for i, w in enumerate(weights)]
@@ -379,8 +368,9 @@ def test_sh_update_counts_changed_buckets() -> None:
 # --------------------------------------------------------------------------- maglev
 
 
-def build(pool: Sequence[RealServer]) -> Maglev:
-    m = Maglev()
+def build(pool: Sequence[RealServer], pool_size: int | None = None) -> Maglev:
+    """A Maglev table over ``pool``, sized for ``pool_size`` servers (default: all of them)."""
+    m = Maglev(len(pool) if pool_size is None else pool_size)
     m.update(pool)
     return m
 
@@ -390,6 +380,17 @@ def build(pool: Sequence[RealServer]) -> Maglev:
 )
 def test_maglev_table_size(n: int, m: int) -> None:
     assert maglev_table_size(n) == m
+
+
+def test_maglev_table_sized_for_the_pool() -> None:
+    pool = servers(7)
+    m = Maglev(pool_size=6)
+    for alive in (pool[:4], pool[:1], pool[:6]):
+        m.update(alive)
+        assert len(m.table) == maglev_table_size(6)
+    m.update(pool)  # more servers than configured: M grows to fit them
+    assert len(m.table) == maglev_table_size(7)
+    assert make_scheduler("maglev", pool_size=6).update(pool[:2]) == maglev_table_size(6)
 
 
 @FAST
@@ -411,14 +412,6 @@ def test_maglev_fixed_expected() -> None:
     assert last_octets(got) == ["13", "13", "11", "13", "13", "11", "11", "13"]
 
 
-@FAST
-@given(st.permutations(servers(8)), st.lists(st.integers(1, 4), min_size=8, max_size=8))
-def test_maglev_order_independent(order: list[RealServer], weights: list[int]) -> None:
-    for i, s in enumerate(sorted(order, key=lambda s: s.key)):
-        s.effective_weight = weights[i]
-    assert keys(build(order).table) == keys(build(sorted(order, key=lambda s: s.key)).table)
-
-
 def test_maglev_same_table_across_objects() -> None:
     # Another node (or a restart) builds its own RealServer objects from the same config.
     assert keys(build(servers(5)).table) == keys(build(servers(5)).table)
@@ -434,60 +427,59 @@ def test_maglev_balance(n: int) -> None:
     assert spread(counts) <= len(table) // 100
 
 
-@settings(max_examples=30, deadline=None)
-@given(st.integers(min_value=2, max_value=20), st.data())
-def test_maglev_minimal_disruption_on_leave(n: int, data: st.DataObject) -> None:
-    pool = servers(n)
-    gone = pool[data.draw(st.integers(min_value=0, max_value=n - 1), label="gone")]
-    m = build(pool)
-    before = keys(m.table)
-    canonical = list(before)
-    own = sum(1 for k in before if k == gone.key)
+def collateral(before: Sequence[str], after: Sequence[str], gone: str) -> int:
+    """Slots that changed server although their server (not ``gone``) stayed."""
+    return sum(1 for a, b in zip(before, after, strict=True) if a not in (b, gone))
 
-    assert m.update([s for s in pool if s is not gone]) == own
-    after = keys(m.table)
-    assert len(after) == len(before)  # M is kept
-    moved = [i for i, (a, b) in enumerate(zip(before, after, strict=True)) if a != b]
-    assert all(before[i] == gone.key for i in moved)
-    assert len(moved) == own
-    assert gone.key not in after
-    counts = Counter(after)
-    assert spread(counts) <= 1
-    assert spread(counts) <= len(after) // 100
 
-    # Adding it back restores the canonical table, moving exactly its slots back.
-    assert m.update(pool) == own
-    assert keys(m.table) == canonical
+def test_maglev_leave_collateral_churn() -> None:
+    # Every server of every equal-weight pool of 2-20 servers leaving in turn: the figures
+    # the module docstring states (measured: worst 3.8% of M, mean 2.4%).
+    shares = []
+    for n in range(2, 21):
+        pool = servers(n)
+        m = build(pool)
+        canonical = keys(m.table)
+        for gone in pool:
+            changed = m.update([s for s in pool if s is not gone])
+            after = keys(m.table)
+            assert len(after) == len(canonical)  # M is kept
+            assert gone.key not in after
+            moved = collateral(canonical, after, gone.key)
+            assert changed == canonical.count(gone.key) + moved
+            shares.append(moved / len(after))
+            # Coming back moves exactly those slots back.
+            assert m.update(pool) == changed
+            assert keys(m.table) == canonical
+    assert max(shares) <= 0.05
+    assert sum(shares) / len(shares) <= 0.03
 
 
 @FAST
-@given(st.integers(min_value=3, max_value=16), st.data())
-def test_maglev_several_leave_one_by_one(n: int, data: st.DataObject) -> None:
+@given(st.integers(min_value=2, max_value=20), st.data())
+def test_maglev_leave_collateral_churn_any_subset(n: int, data: st.DataObject) -> None:
+    # Some servers of the pool already gone, weights 1-4, one more leaves. Measured over
+    # 90 000 such draws: median 1.3% of M, 99th percentile 3.4%, worst 8.9%; the bound is a
+    # guard against churn of another order (a change of M moves nearly every slot).
     pool = servers(n)
-    order = data.draw(st.permutations(pool))
-    leaving = data.draw(st.integers(min_value=1, max_value=n - 1))
-    m = build(pool)
-    alive = list(pool)
-    for s in order[:leaving]:
-        before = keys(m.table)
-        alive.remove(s)
-        changed = m.update(alive)
-        after = keys(m.table)
-        assert changed == before.count(s.key)
-        assert all(a in (b, s.key) for a, b in zip(before, after, strict=True))
-        assert spread(Counter(after)) <= 1
-    # A join makes it canonical again, whatever the history.
-    m.update(pool)
-    assert keys(m.table) == keys(build(pool).table)
+    alive = data.draw(st.lists(st.sampled_from(pool), min_size=2, unique=True), label="alive")
+    for s in alive:
+        s.effective_weight = data.draw(st.integers(min_value=1, max_value=4))
+    gone = data.draw(st.sampled_from(alive), label="gone")
+    m = build(alive, n)
+    before = keys(m.table)
+    m.update([s for s in alive if s is not gone])
+    assert collateral(before, keys(m.table), gone.key) <= 0.15 * len(before)
 
 
-def test_maglev_weight_zero_counts_as_leave() -> None:
+def test_maglev_weight_zero_is_absence() -> None:
     pool = servers(5)
     m = build(pool)
     before = keys(m.table)
     pool[1].effective_weight = 0
-    assert m.update(pool) == before.count(pool[1].key)
-    assert pool[1].key not in keys(m.table)
+    changed = m.update(pool)
+    assert keys(m.table) == keys(build([s for s in pool if s is not pool[1]], 5).table)
+    assert changed == sum(1 for a, b in zip(before, keys(m.table), strict=True) if a != b)
 
 
 @FAST
@@ -510,30 +502,23 @@ def test_maglev_weighted_shares(weights: list[int]) -> None:
 
 
 @FAST
-@given(st.lists(st.integers(min_value=1, max_value=10), min_size=3, max_size=10), st.data())
-def test_maglev_weighted_leave_stays_proportional(weights: list[int], data: st.DataObject) -> None:
+@given(st.lists(st.integers(min_value=1, max_value=10), min_size=2, max_size=20), st.data())
+def test_maglev_shares_hold_for_any_subset_of_the_pool(
+    weights: list[int], data: st.DataObject
+) -> None:
+    # After any failures the table is still sized for the whole pool, and each server that is
+    # left holds its largest-remainder share: within one slot of exact (the paper's balance).
     pool = [server(11 + i, w) for i, w in enumerate(weights)]
-    gone = data.draw(st.sampled_from(pool))
-    m = build(pool)
-    alive = [s for s in pool if s is not gone]
-    m.update(alive)
-    size = len(m.table)
-    counts = Counter(id(s) for s in m.table)
+    alive = data.draw(st.lists(st.sampled_from(pool), min_size=1, unique=True))
+    table = build(alive, len(pool)).table
+    size = len(table)
+    assert size == maglev_table_size(len(pool))
+    counts = Counter(id(s) for s in table)
     total = sum(s.weight for s in alive)
     for s in alive:
-        assert abs(counts[id(s)] - size * s.weight / total) <= size / 100
-
-
-def test_maglev_weight_change_is_canonical() -> None:
-    pool = servers(6)
-    m = build(pool)
-    m.update(pool[:4])  # history: a leave
-    pool[0].effective_weight = 3
-    changed = m.update(pool[:4])
-    want = keys(build(pool[:4]).table)
-    assert keys(m.table) == want
-    # M shrank from the 6-server size to the 4-server size: every lookup moved.
-    assert changed == max(maglev_table_size(6), len(want))
+        assert abs(counts[id(s)] - size * s.weight / total) < 1
+    if len({s.weight for s in alive}) == 1:
+        assert spread(Counter(s.key for s in table)) <= 1
 
 
 def test_maglev_update_returns_changed_slots() -> None:
@@ -587,3 +572,66 @@ def test_maglev_duplicate_keys_refused() -> None:
 def test_maglev_populate_rejects_weight_zero() -> None:
     with pytest.raises(ValueError, match="weights must be > 0"):
         maglev_populate([("a", 1), ("b", 0)], 211)
+
+
+# --------------------------------------------------------------------------- sh / maglev in a pair
+
+
+# A server's state in a pool: absent (None), or present with an effective weight (0 = drained).
+SERVER_STATE = st.none() | st.integers(min_value=0, max_value=4)
+
+HASHING: dict[str, Callable[[int], SourceHash | Maglev]] = {
+    "sh": lambda pool_size: SourceHash(),
+    "maglev": Maglev,
+}
+
+
+def walk(data: st.DataObject, final: list[int | None], label: str) -> list[list[int | None]]:
+    """Pool states from an empty pool to ``final``, one change (join, leave, weight) a step:
+    a random history, then the changes that reach ``final``, in a random order."""
+    n = len(final)
+    state: list[int | None] = [None] * n
+    states = []
+    history = st.lists(st.tuples(st.integers(min_value=0, max_value=n - 1), SERVER_STATE),
+                       max_size=8)
+    for i, w in data.draw(history, label=f"history of {label}"):
+        state = [*state]
+        state[i] = w
+        states.append(state)
+    for i in data.draw(st.permutations(range(n)), label=f"way to the end for {label}"):
+        if state[i] != final[i]:
+            state = [*state]
+            state[i] = final[i]
+            states.append(state)
+    return states
+
+
+def given_as(pool: Sequence[RealServer], state: Sequence[int | None]) -> list[RealServer]:
+    """The servers of ``pool`` present in ``state``, their effective weights set from it."""
+    present = []
+    for s, w in zip(pool, state, strict=True):
+        if w is not None:
+            s.effective_weight = w
+            present.append(s)
+    return present
+
+
+@pytest.mark.parametrize("name", HASHING)
+@settings(max_examples=60, deadline=None)
+@given(st.integers(min_value=1, max_value=10), st.data())
+def test_table_is_a_function_of_the_servers(name: str, n: int, data: st.DataObject) -> None:
+    # The two nodes of a pair, each with its own server objects, go through different
+    # histories of joins, leaves and weight changes, every update listing the servers in a
+    # random order, and end at the same servers: they hold the same table, and so does a
+    # node that starts there. A flow that has not reached the peer yet gets the same server
+    # from either node.
+    final = data.draw(st.lists(SERVER_STATE, min_size=n, max_size=n), label="final")
+    tables = []
+    for node, states in (("a", walk(data, final, "a")), ("b", walk(data, final, "b")),
+                         ("fresh", [final])):
+        pool = servers(n)
+        sched = HASHING[name](n)
+        for state in states:
+            sched.update(data.draw(st.permutations(given_as(pool, state)), label=node))
+        tables.append(keys(sched.table))
+    assert tables[0] == tables[1] == tables[2]

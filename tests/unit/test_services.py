@@ -14,6 +14,7 @@ from lb.config import Config, parse_config
 from lb.forwarder import ServiceCounts
 from lb.packet import PROTO_TCP, PROTO_UDP
 from lb.persistence import prefix_mask
+from lb.schedulers import Maglev, maglev_table_size
 from lb.servers import AdminState, RealServer
 from lb.services import Pool, Service, ServiceSet, build_services, netmask, service_key
 from lb.sessions import SessionTable, SessionTimeouts
@@ -170,6 +171,18 @@ def test_without_refresh_the_scheduler_still_skips_a_server_that_refuses() -> No
     ss = build_services(backup_config())
     find(ss.pools["web"], S1).up = False
     assert picks(service(ss, "web"), 2) == [f"{S2}:8080"] * 2
+
+
+def test_maglev_table_is_sized_for_the_configured_pool() -> None:
+    """Both nodes read the same pool, so they size the table alike, and a failure keeps M."""
+    ss = build_services(config(scheduler="maglev", web=[server(S1), server(S2), server(S3),
+                                                         server(S4, backup=True)]))
+    web = service(ss, "web")
+    assert isinstance(web.scheduler, Maglev)
+    assert len(web.scheduler.table) == maglev_table_size(4)
+    find(web.pool, S2).up = False
+    web.pool.refresh()
+    assert len(web.scheduler.table) == maglev_table_size(4)
 
 
 # --- netmask -------------------------------------------------------------------------------------
