@@ -117,8 +117,11 @@ class HaController:
         self._tasks.append(loop.create_task(self._poll_tracking()))
 
     async def stop(self) -> None:
-        """Leave MASTER announcing priority 0 (the peer takes over after skew time), release
-        every address, and stop."""
+        """Release every address, then leave MASTER announcing priority 0 (the peer takes
+        over after skew time), and stop. Released first, so that nothing here answers ARP
+        for an address once the peer's gratuitous ARPs have claimed it (a neighbour that
+        re-probed us in between would come back to this box and its stopped data plane)."""
+        await self.owner.release_all()
         for runner in self.runners:
             runner.stop()
         await self._queue.join()

@@ -117,9 +117,9 @@ class Replicator:
                                           flags & _STATE_FLAGS))
 
     def _push(self, record: Record) -> None:
-        if not self.pending:
-            self.wake()
         self.pending.append(record)
+        if len(self.pending) == 1:
+            self.wake()
 
     def take(self) -> list[Record]:
         """The records queued since the last call, in order."""

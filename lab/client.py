@@ -4,6 +4,10 @@
     python -m lab.client udp HOST PORT [--count N]            → {"answers": ["s1:ping0", ...]}
     python -m lab.client download URL                          → {"bytes": N, "sha256": HEX}
     python -m lab.client probe URL --timeout S --duration S    → {"attempts": [[t, ok], ...]}
+    python -m lab.client stream URL [--timeout S]              → {"server", "lines", "in_order",
+        "error", "max_gap"}: reads a /stream/SECONDS answer to its end and checks its lines
+    python -m lab.client load URL --duration S [--timeout S]   → {"ok", "failed": {why: n}}:
+        one request after another (a new connection each) for S seconds
     python -m lab.client hold HOST PORT --count N              → holds N connections open
         prints {"held": N} once they are established, then waits until stdin closes or it is
         killed; writes "ping\\n" on every held connection when it reads a line "send", and
@@ -79,6 +83,40 @@ def cmd_probe(args: argparse.Namespace) -> dict[str, object]:
     return {"attempts": attempts}
 
 
+def cmd_stream(args: argparse.Namespace) -> dict[str, object]:
+    """Read a numbered stream; every line must be the previous one plus one."""
+    lines, in_order, error, server = 0, True, "", ""
+    max_gap, last = 0.0, time.monotonic()
+    try:
+        with urllib.request.urlopen(args.url, timeout=args.timeout) as resp:
+            for raw in resp:
+                now = time.monotonic()
+                max_gap, last = max(max_gap, now - last), now
+                name, _, num = raw.decode().strip().partition(" ")
+                server = server or name
+                lines += 1
+                if name != server or int(num) != lines:
+                    in_order = False
+    except (OSError, ValueError) as exc:
+        error = f"{exc.__class__.__name__}: {exc}"
+    return {"server": server, "lines": lines, "in_order": in_order, "error": error,
+            "max_gap": round(max_gap, 3)}
+
+
+def cmd_load(args: argparse.Namespace) -> dict[str, object]:
+    """New connections one after another for ``duration`` seconds; failures by kind."""
+    ok, failed = 0, dict[str, int]()
+    end = time.monotonic() + args.duration
+    while time.monotonic() < end:
+        answer = http_get(args.url, args.timeout)
+        if answer.startswith(("error", "http ")):
+            kind = answer[:120]
+            failed[kind] = failed.get(kind, 0) + 1
+        else:
+            ok += 1
+    return {"ok": ok, "failed": failed}
+
+
 def cmd_hold(args: argparse.Namespace) -> dict[str, object]:
     conns = []
     for _ in range(args.count):
@@ -125,12 +163,17 @@ def main() -> None:
     h.add_argument("host")
     h.add_argument("port", type=int)
     h.add_argument("--count", type=int, default=1)
-    for p in (g, u, d, pr, h):
+    sm = sub.add_parser("stream")
+    sm.add_argument("url")
+    ld = sub.add_parser("load")
+    ld.add_argument("url")
+    ld.add_argument("--duration", type=float, default=5.0)
+    for p in (g, u, d, pr, h, sm, ld):
         p.add_argument("--timeout", type=float, default=5.0)
     args = ap.parse_args()
     started = time.monotonic()
     fn = {"get": cmd_get, "udp": cmd_udp, "download": cmd_download, "probe": cmd_probe,
-          "hold": cmd_hold}[args.cmd]
+          "hold": cmd_hold, "stream": cmd_stream, "load": cmd_load}[args.cmd]
     result = fn(args)
     result["seconds"] = round(time.monotonic() - started, 3)
     print(json.dumps(result), flush=True)

@@ -5,7 +5,9 @@
 HTTP ``GET /`` answers ``NAME\\n``. Files in the state dir steer it, so that tests can make
 a server unhealthy without restarting it: ``NAME.status`` (an HTTP status to answer with,
 e.g. 503), ``NAME.delay`` (seconds to wait before answering). ``GET /file/X`` serves
-``DIR/X``. UDP datagrams are answered with ``NAME:`` + the payload.
+``DIR/X``. ``GET /stream/SECONDS`` streams numbered lines (``NAME 000001``, one every 20 ms)
+for that long, so a test can hold a stream across a failover and check every byte arrived in
+order. UDP datagrams are answered with ``NAME:`` + the payload.
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ def make_handler(name: str, state: Path) -> type[BaseHTTPRequestHandler]:
             if self.path.startswith("/file/"):
                 self._send_file(state / Path(self.path[len("/file/"):]).name)
                 return
+            if self.path.startswith("/stream/"):
+                self._stream(float(self.path[len("/stream/"):]))
+                return
             status = int(_read(state / f"{name}.status") or 200)
             body = f"{name}\n".encode()
             self.send_response(status)
@@ -48,6 +53,18 @@ def make_handler(name: str, state: Path) -> type[BaseHTTPRequestHandler]:
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
+
+        def _stream(self, seconds: float) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.end_headers()
+            end = time.monotonic() + min(seconds, 120.0)
+            n = 0
+            while time.monotonic() < end:
+                n += 1
+                self.wfile.write(f"{name} {n:06d}\n".encode())
+                self.wfile.flush()
+                time.sleep(0.02)
 
         def _send_file(self, path: Path) -> None:
             try:

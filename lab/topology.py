@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 VIP = "198.51.100.10"
+VIP_B = "198.51.100.11"  # the second VIP of an active-active pair
 CLIENTS = {"c1": "198.51.100.100", "c2": "198.51.100.101", "x": "198.51.100.102"}
 LB_FRONT = {"lba": "198.51.100.2", "lbb": "198.51.100.3"}
 LB_BACK = {"lba": "198.18.0.2", "lbb": "198.18.0.3"}

@@ -114,6 +114,7 @@ class Forwarder:
         self.packets_out = 0  # server → client, forwarded
         self.bytes_out = 0
         self.icmp_replies = 0
+        self.picked_up = 0  # TCP flows taken over mid-stream (consistent schedulers only)
         self.resets_sent = 0
         self.errors = 0
         self.drops: dict[str, int] = {}
@@ -218,9 +219,14 @@ class Forwarder:
             return None
         if proto == PROTO_TCP and flags & (SYN | ACK | RST) != SYN:
             # Only a SYN opens a TCP session; anything else mid-stream (a session that
-            # expired, or was reset because its server went down) is answered with RST.
-            self._refuse(buf, off, end, proto, flags, "no_session")
-            return None
+            # expired, or was reset because its server went down) is answered with RST ...
+            if flags & (SYN | ACK | RST) != ACK or not svc.scheduler.consistent:
+                self._refuse(buf, off, end, proto, flags, "no_session")
+                return None
+            # ... except where the scheduler is consistent: then the peer that scheduled
+            # this flow (and died before its record reached us) picked the server we pick
+            # now, so the flow is picked up mid-stream, as IPVS's sloppy_tcp does.
+            self.picked_up += 1
         server, binding = self._schedule(svc, saddr, sport, now)
         if server is None:
             self._refuse(buf, off, end, proto, flags, "no_server")

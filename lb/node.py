@@ -485,6 +485,7 @@ class Node:
             "lbd_dataplane_write_errors_total": dp.tx_errors if dp else 0,
             "lbd_config_reloads_total": self.reloads,
             "lbd_config_reload_failures_total": self.reload_failures,
+            "lbd_sessions_picked_up_total": self.forwarder.picked_up,
             **self._hold_counters(),
         }
 

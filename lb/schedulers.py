@@ -137,6 +137,9 @@ class Scheduler(Protocol):
     """What the data plane asks of a scheduler: a new candidate set, and a pick per session."""
 
     name: str
+    consistent: bool
+    """Is a pick a function of the client and the candidate set alone (``sh``, ``maglev``),
+    so that both nodes of a pair, seeing the same servers, pick alike?"""
 
     def update(self, servers: Sequence[RealServer]) -> int:
         """Take ``servers`` as the new candidate set; return how many positions changed."""
@@ -301,6 +304,7 @@ class RoundRobin:
     """``rr``: each accepting server in turn, in the order given."""
 
     name = "rr"
+    consistent = False
 
     def __init__(self) -> None:
         self._servers: tuple[RealServer, ...] = ()
@@ -334,6 +338,7 @@ class WeightedRoundRobin:
     """``wrr``: smooth weighted round robin (nginx), exact over ``sum(w) / gcd(w)`` picks."""
 
     name = "wrr"
+    consistent = False
 
     def __init__(self) -> None:
         self._servers: tuple[RealServer, ...] = ()
@@ -369,6 +374,7 @@ class LeastConnections:
     """``lc``: fewest ``active`` sessions; ties rotate from just after the previous pick."""
 
     name = "lc"
+    consistent = False
 
     def __init__(self) -> None:
         self._servers: tuple[RealServer, ...] = ()
@@ -405,6 +411,7 @@ class WeightedLeastConnections(LeastConnections):
     """``wlc``: least ``(active + 1) / effective_weight`` in integers; ties rotate."""
 
     name = "wlc"
+    consistent = False
 
     @staticmethod
     def _less_loaded(server: RealServer, best: RealServer) -> bool:
@@ -416,6 +423,7 @@ class SourceHash:
     """``sh``: IPVS-style source hashing over a weighted table of buckets."""
 
     name = "sh"
+    consistent = True
 
     def __init__(self) -> None:
         self._table: tuple[RealServer, ...] = ()
@@ -464,6 +472,7 @@ class Maglev:
     """``maglev``: Maglev consistent hashing of the client address (see the module docstring)."""
 
     name = "maglev"
+    consistent = True
 
     def __init__(self, pool_size: int = 0) -> None:
         self._pool_size = pool_size

@@ -382,3 +382,25 @@ def test_nothing_is_queued_while_the_stream_is_down() -> None:
     p.a.rep.connected = False
     to_server(p.a, VIP_A, 40000)
     assert p.a.rep.pending == []
+
+
+def test_the_transport_is_woken_once_per_burst_with_the_records_queued() -> None:
+    p = Pair()
+    seen: list[int] = []
+    p.a.rep.wake = lambda: seen.append(len(p.a.rep.pending))
+    to_server(p.a, VIP_A, 40000)
+    to_server(p.a, VIP_A, 40001)
+    assert seen == [1]  # woken at the first record, which is there to flush
+    p.a.rep.take()
+    to_server(p.a, VIP_A, 40002)
+    assert seen == [1, 1]
+
+
+def test_a_consistent_scheduler_picks_up_a_flow_whose_record_was_lost() -> None:
+    p = Pair()
+    server = to_server(p.a, VIP_A, 40000)
+    p.a.rep.take()  # A dies before its record leaves
+    p.b.master("va", "vb", "gw")
+    verdict, out = p.b.packet(IP(src=C1, dst=VIP_A) / TCP(sport=40000, dport=80, flags="PA"))
+    assert verdict == FORWARD and IP(out).dst == server  # maglev: the server A picked
+    assert p.b.fwd.picked_up == 1
