@@ -19,6 +19,7 @@ import uvloop
 
 from lb.config import Config, ConfigError, load_config
 from lb.node import Node
+from lb.version import version_line
 
 log = logging.getLogger("lbd")
 
@@ -53,6 +54,7 @@ async def serve(config: Config) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="lbd", description="Userspace L4 load balancer.")
+    ap.add_argument("--version", action="version", version=version_line())
     ap.add_argument("--config", required=True, help="TOML config file")
     ap.add_argument("--check", action="store_true", help="validate the config and exit")
     ap.add_argument("--log-level", default="INFO")
