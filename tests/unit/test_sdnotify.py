@@ -26,10 +26,12 @@ from typing import Any
 
 import pytest
 
+from lb import ctl
 from lb.config import parse_config
 from lb.control import CommandError
 from lb.daemon import SupervisedNode, Supervisor, status_text
 from lb.sdnotify import Notifier, encode, watchdog_period
+from tests.unit.test_control import ServerThread
 
 Message = dict[str, str]
 
@@ -313,3 +315,16 @@ def test_a_reload_by_the_control_socket_is_announced_and_refused(
     msgs = systemd.messages()
     assert msgs[0]["RELOADING"] == "1" and msgs[1]["READY"] == "1"
     assert "TOML syntax error" in msgs[1]["STATUS"]
+
+
+def test_exec_reload_lbctl_reload_fails_when_the_node_refuses(
+        node: SupervisedNode, systemd: FakeSystemd, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The unit's ExecReload is ``lbctl reload``: its exit status is what systemd reports."""
+    Path(node.config.source).write_text("this is not toml")
+    sock = tmp_path / "c.sock"
+    with ServerThread(sock, node.control_handlers()):
+        rc = ctl.main(["--socket", str(sock), "reload"])
+    assert rc == 1
+    assert "reload refused, old config kept" in capsys.readouterr().err
+    assert [next(iter(m)) for m in systemd.messages()] == ["RELOADING", "READY"]
