@@ -96,6 +96,7 @@ def test_layout_and_modes(dest: Path) -> None:
     state = dest / "var/lib/lbd"
     assert state.is_dir() and mode(state) == 0o750
     assert (venv / "share/doc/lbd/README.md").is_file()
+    assert (venv / "share/doc/lbd/operations.md").is_file()  # the unit's Documentation=
     assert not (venv.parent / "lbd.new").exists() and not (venv.parent / "lbd.old").exists()
 
 
