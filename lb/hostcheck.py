@@ -23,7 +23,7 @@ import fcntl
 import socket
 import stat
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
@@ -203,6 +203,16 @@ _SIOCGIFADDR = 0x8915
 _IFREQ = struct.Struct("16s16x")
 
 
+def _try_udp(action: Callable[[socket.socket], object]) -> OSError | None:
+    """Run ``action`` on a fresh, unbound UDP socket; the error it raised, if any."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            action(s)
+        except OSError as exc:
+            return exc
+    return None
+
+
 class LocalHost:
     """This machine, in this network namespace. Reads only; binds only to port 0."""
 
@@ -214,20 +224,13 @@ class LocalHost:
         return True
 
     def has_ipv4_address(self, name: str) -> bool:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            try:
-                fcntl.ioctl(s.fileno(), _SIOCGIFADDR, _IFREQ.pack(name.encode()[:15]))
-            except OSError:
-                return False
-        return True
+        ifreq = _IFREQ.pack(name.encode()[:15])
+        return _try_udp(lambda s: fcntl.ioctl(s.fileno(), _SIOCGIFADDR, ifreq)) is None
 
     def is_local_address(self, address: str) -> bool:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            try:
-                s.bind((address, 0))
-            except OSError as exc:  # anything but "not ours" cannot be judged from here
-                return exc.errno != errno.EADDRNOTAVAIL
-        return True
+        failed = _try_udp(lambda s: s.bind((address, 0)))
+        # Anything but "not ours" (EADDRNOTAVAIL) cannot be judged from here.
+        return failed is None or failed.errno != errno.EADDRNOTAVAIL
 
     def read_file(self, path: str) -> bytes:
         return Path(path).read_bytes()

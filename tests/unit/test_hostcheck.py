@@ -309,3 +309,23 @@ def test_config_only_without_check_is_a_usage_error(capsys: pytest.CaptureFixtur
         daemon.main(["--config", os.devnull, "--config-only"])
     assert exc.value.code == 2
     assert "--config-only needs --check" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("root_logger")
+def test_lbd_refuses_to_start_on_what_check_calls_an_error(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "lbd.toml"
+    path.write_text(ON_LO.format(server_if="lbd-nope0", timeout="500ms"))
+    assert daemon.main(["--config", str(path), "--log-format", "journal"]) == 1
+    assert capsys.readouterr().err == (
+        f"<3>{path}: dataplane.server_interface: interface 'lbd-nope0' not found\n")
+
+
+@pytest.mark.usefixtures("root_logger")
+def test_lbd_logs_a_bad_file_at_start_with_error_priority(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "lbd.toml"
+    path.write_text("[node]\n")
+    assert daemon.main(["--config", str(path), "--log-format", "journal"]) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert lines and all(line.startswith(f"<3>{path}: ") for line in lines)

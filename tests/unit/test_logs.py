@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -109,15 +108,6 @@ def test_auto_is_journal_only_on_the_stream_journal_stream_names(tmp_path: Path)
         assert logs.resolve_format("auto", {"JOURNAL_STREAM": "junk"}, stream) == "text"
         assert logs.resolve_format("json", mine, stream) == "json"
     assert logs.resolve_format("auto", mine, io.StringIO()) == "text"
-
-
-@pytest.fixture
-def root_logger() -> Iterator[logging.Logger]:
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield root
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def test_configure_sends_records_at_the_level_in_the_format(root_logger: logging.Logger) -> None:
