@@ -1,17 +1,30 @@
-# lbd — see README.md. Everything runs from ./.venv, which `make install` creates.
+# lbd — see README.md. Development runs from ./.venv, which `make setup` creates;
+# `make install` installs for production (docs/operations.md).
 PY      := .venv/bin/python
 PYTEST  := .venv/bin/pytest
 
+# Where `make install` puts things; DESTDIR=<dir> stages it all under <dir>.
+DESTDIR    ?=
+PREFIX     ?= /opt/lbd
+BINDIR     ?= /usr/local/bin
+UNITDIR    ?= /etc/systemd/system
+SYSCONFDIR ?= /etc/lbd
+STATEDIR   ?= /var/lib/lbd
+
 .DEFAULT_GOAL := help
-.PHONY: help install test unit netns lab bench lint
+.PHONY: help setup install test unit netns lab bench lint
 
 help:  ## show this help
 	@awk 'BEGIN{FS=":.*## "} /^[a-z]+:.*## /{printf "  make %-8s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-install:  ## install system packages (apt-get) and the venv with lbd and its test tools (root)
+setup:  ## developer setup (root): apt packages, ./.venv with test tools; stops keepalived etc.
 	./scripts/setup.sh
 
-test: lint  ## lint, unit and namespace tests (root); after scripts/setup.sh; what CI runs
+install:  ## production install (root, or DESTDIR=dir): /opt/lbd, lbd/lbctl, unit, /etc/lbd
+	DESTDIR="$(DESTDIR)" PREFIX="$(PREFIX)" BINDIR="$(BINDIR)" UNITDIR="$(UNITDIR)" \
+	SYSCONFDIR="$(SYSCONFDIR)" STATEDIR="$(STATEDIR)" ./scripts/install.sh
+
+test: lint  ## lint, unit and namespace tests (root); after make setup; what CI runs
 	$(PYTEST) -q tests
 
 unit:  ## unit tests of the pure cores only (no root needed)

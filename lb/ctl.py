@@ -13,6 +13,7 @@ import sys
 from typing import Any
 
 from lb.control import request
+from lb.version import version_line
 
 DEFAULT_SOCKET = "/run/lbd/control.sock"
 COMMANDS = ("status", "sessions", "servers", "vrrp", "sync", "drain", "enable", "disable",
@@ -46,6 +47,7 @@ def render(command: str, result: Any) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="lbctl", description="Control a running lbd.")
+    ap.add_argument("--version", action="version", version=version_line())
     ap.add_argument("--socket", default=DEFAULT_SOCKET, help="control socket path")
     ap.add_argument("--json", action="store_true", help="print one JSON document")
     ap.add_argument("command", choices=COMMANDS)

@@ -22,13 +22,24 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from lb.forwarder import Forwarder
 from lb.services import ServiceSet
+from lb.version import VERSION
 
 Source = Callable[[], Iterable[Metric]]
 
 
+def build_info() -> Iterator[Metric]:
+    """``lbd_build_info{version}`` = 1: which lbd a scrape came from (join on it in queries)."""
+    info = GaugeMetricFamily("lbd_build_info", "Always 1; the labels say which lbd this is",
+                             labels=["version"])
+    info.add_metric([VERSION], 1)
+    yield info
+
+
 class SourceCollector:
+    """Calls every source on each scrape; :func:`build_info` is always the first."""
+
     def __init__(self) -> None:
-        self.sources: list[Source] = []
+        self.sources: list[Source] = [build_info]
 
     def collect(self) -> Iterator[Metric]:
         for source in self.sources:

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything lbd, its tests, lab and benchmarks need on a Debian machine, as root:
 # system packages with apt-get, Python packages into ./.venv. Safe to run again.
+# This is the developer setup (`make setup`); it disables keepalived, nginx, haproxy and
+# prometheus. To install lbd on a production box use scripts/install.sh (`make install`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

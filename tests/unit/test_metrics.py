@@ -25,6 +25,7 @@ from lb.packet import VNET_HDR_LEN
 from lb.persistence import PersistenceTable
 from lb.services import Service, ServiceSet, build_services
 from lb.sessions import SessionTable, SessionTimeouts
+from lb.version import VERSION
 
 VIP, CLIENT = "198.51.100.10", "198.51.100.77"
 S1, S2 = "198.18.0.11", "198.18.0.12"
@@ -291,3 +292,7 @@ def test_stop_closes_the_port(world: World) -> None:
             await asyncio.open_connection("127.0.0.1", port)
 
     asyncio.run(main())
+
+
+def test_build_info_names_the_version_of_this_checkout(world: World) -> None:
+    assert value(samples(world.scrape()), "lbd_build_info", version=VERSION) == 1
