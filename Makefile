@@ -1,9 +1,10 @@
 # lbd — see README.md. Everything runs from ./.venv, which `make install` creates.
 PY      := .venv/bin/python
 PYTEST  := .venv/bin/pytest
+FUZZ_INPUTS ?= 100000
 
 .DEFAULT_GOAL := help
-.PHONY: help install test unit netns lab bench lint
+.PHONY: help install test unit netns lab bench lint fuzz
 
 help:  ## show this help
 	@awk 'BEGIN{FS=":.*## "} /^[a-z]+:.*## /{printf "  make %-8s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -29,3 +30,6 @@ bench:  ## benchmarks in namespaces: ratios against the kernel and HAProxy (root
 lint:  ## ruff and mypy --strict
 	.venv/bin/ruff check lb ha lab tests bench
 	.venv/bin/mypy
+
+fuzz:  ## fuzz every parser of outside input (atheris), FUZZ_INPUTS=100000 inputs per target
+	$(PY) -m tests.fuzz --inputs $(FUZZ_INPUTS)
