@@ -2,6 +2,7 @@
 # `make install` installs for production (docs/operations.md).
 PY      := .venv/bin/python
 PYTEST  := .venv/bin/pytest
+FUZZ_INPUTS ?= 100000
 
 # Where `make install` puts things; DESTDIR=<dir> stages it all under <dir>.
 DESTDIR    ?=
@@ -12,7 +13,7 @@ SYSCONFDIR ?= /etc/lbd
 STATEDIR   ?= /var/lib/lbd
 
 .DEFAULT_GOAL := help
-.PHONY: help setup install test unit netns lab bench lint
+.PHONY: help setup install test unit netns lab bench lint fuzz
 
 help:  ## show this help
 	@awk 'BEGIN{FS=":.*## "} /^[a-z]+:.*## /{printf "  make %-8s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -42,3 +43,6 @@ bench:  ## benchmarks in namespaces: ratios against the kernel and HAProxy (root
 lint:  ## ruff and mypy --strict
 	.venv/bin/ruff check lb ha lab tests bench
 	.venv/bin/mypy
+
+fuzz:  ## fuzz every parser of outside input (atheris), FUZZ_INPUTS=100000 inputs per target
+	$(PY) -m tests.fuzz --inputs $(FUZZ_INPUTS)

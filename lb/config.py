@@ -22,6 +22,7 @@ import dataclasses
 import difflib
 import enum
 import json
+import math
 import os
 import re
 import shlex
@@ -57,6 +58,7 @@ __all__ = [
     "VrrpGroupConfig",
     "VrrpInstanceConfig",
     "load_config",
+    "loads_config",
     "parse_config",
     "parse_duration",
 ]
@@ -358,7 +360,10 @@ def parse_duration(text: str) -> float:
             f"invalid duration {json.dumps(text)}: expected a number and a unit "
             '(ms, s, m or h), such as "100ms", "2s" or "10m"'
         )
-    return float(Decimal(match[1]) * _UNIT_SECONDS[match[2]])
+    seconds = float(Decimal(match[1]) * _UNIT_SECONDS[match[2]])
+    if not math.isfinite(seconds):  # hundreds of digits: beyond a float, would be infinity
+        raise ValueError(f"duration {json.dumps(text)} is too long")
+    return seconds
 
 
 # --------------------------------------------------------------------------------------------
@@ -373,12 +378,22 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         raw = Path(source).read_bytes()
     except OSError as exc:
         raise ConfigError([f"{source}: cannot read file: {exc.strerror or exc}"]) from exc
+    return loads_config(raw, source)
+
+
+def loads_config(raw: bytes, source: str) -> Config:
+    """Validate a file's contents (UTF-8 TOML); ``source`` names it in error messages.
+
+    Every problem raises :class:`ConfigError`.
+    """
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise ConfigError([f"{source}: not UTF-8 text: byte {exc.start} is invalid"]) from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{source}: TOML syntax error: {exc}"]) from exc
+    except ValueError as exc:  # tomllib lets int()'s digit limit through (4300 digits)
+        raise ConfigError([f"{source}: TOML value error: {exc}"]) from exc
     return parse_config(data, source)
 
 
@@ -1144,6 +1159,9 @@ def _endpoint(*, unicast: bool = False) -> _Conv[Endpoint]:
             errors.add(path, f'expected "ADDR:PORT", got {json.dumps(value)}')
             return None
         checked = address(errors, path, host)
+        if len(port) > 5:  # int() would refuse thousands of digits; no port has six
+            errors.add(path, f"port must be between 1 and 65535, got {json.dumps(port)}")
+            return None
         number = _PORT(errors, path, int(port))
         if checked is None or number is None:
             return None
@@ -1162,7 +1180,8 @@ def _vrrp_address(errors: _Errors, path: str, value: object) -> VrrpAddress | No
         return None
     if not sep:
         return VrrpAddress(checked)
-    if not (length.isascii() and length.isdigit() and 1 <= int(length) <= 32):
+    if not (length.isascii() and length.isdigit() and len(length) <= 2
+            and 1 <= int(length) <= 32):
         errors.add(path, f"prefix length must be 1..32, got {json.dumps(value)}")
         return None
     return VrrpAddress(checked, int(length))

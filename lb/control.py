@@ -55,11 +55,16 @@ class ControlServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            line = await asyncio.wait_for(reader.readline(), 5)
-            answer = await self.dispatch(line)
+            try:
+                line = await asyncio.wait_for(reader.readline(), 5)
+            except ValueError:  # no newline within MAX_REQUEST bytes
+                answer: dict[str, Any] = {"ok": False,
+                                          "error": f"request longer than {MAX_REQUEST} bytes"}
+            else:
+                answer = await self.dispatch(line)
             try:
                 data = json.dumps(answer)
-            except (TypeError, ValueError) as exc:  # a handler returned something not JSON
+            except (TypeError, ValueError, RecursionError) as exc:  # a handler returned non-JSON
                 log.error("control answer is not JSON: %s", exc)
                 data = json.dumps({"ok": False, "error": f"internal error: {exc}"})
             writer.write(data.encode() + b"\n")
@@ -77,8 +82,11 @@ class ControlServer:
             command = req["command"]
             if not isinstance(command, str):
                 raise TypeError("command is not a string")
-            args = [str(a) for a in req.get("args", [])]
-        except (ValueError, KeyError, TypeError):
+            raw_args = req.get("args", [])
+            if not isinstance(raw_args, list):
+                raise TypeError("args is not an array")
+            args = [str(a) for a in raw_args]
+        except (ValueError, KeyError, TypeError, RecursionError):  # deep nesting: RecursionError
             return {"ok": False, "error": "malformed request"}
         handler = self.handlers.get(command)
         if handler is None:

@@ -47,7 +47,7 @@ from lb.persistence import Binding, PersistenceTable
 from lb.reply_hold import ReplyHold
 from lb.servers import RealServer
 from lb.services import Service, ServiceSet
-from lb.sessions import Session, SessionTable
+from lb.sessions import Session, SessionTable, flow_key
 
 DROP, FORWARD, SEND = 0, 1, 2
 
@@ -137,13 +137,11 @@ class Forwarder:
                 return self._icmp_from_client(buf, off, l4, end, sport)
             key = (proto << 96) | (saddr << 64) | (daddr << 32) | (sport << 16) | dport
             s = self.sessions.lookup(key)
-            if s is not None and flags & SYN and not flags & ACK and \
-                    self.sessions.is_reusable(s):
-                self.sessions.remove(s, "reused", now)
-                s = None
-            if s is None:
+            if s is None or (flags & SYN and not flags & ACK and self.sessions.is_reusable(s)):
+                # A new flow; or a SYN that reuses the 5-tuple of a closing session, which
+                # _new_session replaces only once the new session is sure to be made.
                 s = self._new_session(buf, off, end, proto, saddr, sport, daddr, dport, flags,
-                                      now)
+                                      now, s)
                 if s is None:
                     return SEND if self.out_len else DROP
             else:
@@ -211,8 +209,11 @@ class Forwarder:
 
     # ---- new flows --------------------------------------------------------------------------
     def _new_session(self, buf: bytearray, off: int, end: int, proto: int, saddr: int,
-                     sport: int, daddr: int, dport: int, flags: int,
-                     now: float) -> Session[Service] | None:
+                     sport: int, daddr: int, dport: int, flags: int, now: float,
+                     reused: Session[Service] | None) -> Session[Service] | None:
+        """Schedule and create the session of a new flow (replacing ``reused``, a closing
+        session with the same 5-tuple), or refuse it. A refused flow changes no table: the
+        checks that can refuse it all run before anything is removed, bound or rebound."""
         svc = self._by_key.get((proto << 48) | (daddr << 16) | dport)
         if svc is None:
             self._refuse(buf, off, end, proto, flags, "no_service")
@@ -226,42 +227,57 @@ class Forwarder:
             # ... except where the scheduler is consistent: then the peer that scheduled
             # this flow (and died before its record reached us) picked the server we pick
             # now, so the flow is picked up mid-stream, as IPVS's sloppy_tcp does.
-            self.picked_up += 1
-        server, binding = self._schedule(svc, saddr, sport, now)
+        if len(self.sessions) - (reused is not None) >= self.sessions.max_sessions:
+            self.drop("table_full")
+            return None
+        server, bound = self._schedule(svc, saddr, sport, now)
         if server is None:
             self._refuse(buf, off, end, proto, flags, "no_server")
             return None
+        owner = self.sessions.lookup_reply(flow_key(proto, server.addr, server.port, saddr,
+                                                    sport))
+        if owner is not None and owner is not reused:
+            # The same client ip:port already reaches this server through another virtual
+            # server: the replies could not be told apart.
+            self.drop("flow_conflict")
+            return None
+        if reused is not None:
+            self.sessions.remove(reused, "reused", now)
+        binding = self._bind(svc, saddr, server, bound, now)
         s = self.sessions.create(proto, saddr, sport, daddr, dport, server, svc, flags, now,
                                  binding)
-        if s is None:
-            # Refused: the table is full, or another session owns the reverse key (the same
-            # client ip:port reaching the same server through another virtual server).
-            full = len(self.sessions) >= self.sessions.max_sessions
-            self.drop("table_full" if full else "flow_conflict")
+        if s is None:  # not reached: create() refuses only what was checked above
+            self.drop("table_full")
             return None
         svc.created_total += 1
+        if proto == PROTO_TCP and not flags & SYN:
+            self.picked_up += 1
         return s
 
     def _schedule(self, svc: Service, caddr: int, cport: int,
                   now: float) -> tuple[RealServer | None, Binding[Service] | None]:
+        """The server for a new flow, and the client's persistence binding if it has one,
+        left as it is (:meth:`_bind` records the choice once the session is certain)."""
         if not svc.persistence:
             return svc.scheduler.pick(caddr, cport), None
-        net = caddr & svc.persistence_mask
-        b = self.persistence.lookup(svc, net, now)
+        b = self.persistence.lookup(svc, caddr & svc.persistence_mask, now)
         if b is not None:
             bound = b.server
             if bound.accepts_bound() and svc.pool.holds(bound) and \
                     not (bound.backup and svc.pool.has_primary):
                 return bound, b
-            server = svc.scheduler.pick(caddr, cport)
-            if server is None:
-                return None, None
-            self.persistence.rebind(b, server, now)
-            return server, b
-        server = svc.scheduler.pick(caddr, cport)
-        if server is None:
-            return None, None
-        return server, self.persistence.bind(svc, net, server, svc.persistence_timeout, now)
+        return svc.scheduler.pick(caddr, cport), b
+
+    def _bind(self, svc: Service, caddr: int, server: RealServer, b: Binding[Service] | None,
+              now: float) -> Binding[Service] | None:
+        """Bind the client's network to ``server``, or move its binding there."""
+        if not svc.persistence:
+            return None
+        if b is None:
+            return self.persistence.bind(svc, caddr & svc.persistence_mask, server,
+                                         svc.persistence_timeout, now)
+        self.persistence.rebind(b, server, now)  # nothing when it already points there
+        return b
 
     def _refuse(self, buf: bytearray, off: int, end: int, proto: int, flags: int,
                 reason: str) -> None:

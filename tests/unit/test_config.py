@@ -790,6 +790,27 @@ ERRORS: list[tuple[str, dict[str, Any], str]] = [
         "vrrp.instances.back.advert_interval: must be a multiple of 10ms between 10ms and 40.95s, "
         'got "5ms"',
     ),
+    # Found by fuzzing (docs/fuzzing.md): these raised ValueError / OverflowError instead.
+    (
+        "port of thousands of digits",
+        {"metrics__listen": "127.0.0.1:" + "1" * 5000},
+        'metrics.listen: port must be between 1 and 65535, got "111',
+    ),
+    (
+        "prefix length of thousands of digits",
+        {"vrrp__instances__back__addresses": ["198.18.0.1/" + "2" * 5000]},
+        'vrrp.instances.back.addresses[0]: prefix length must be 1..32, got "198.18.0.1/222',
+    ),
+    (
+        "advert interval beyond a float",
+        {"vrrp__instances__back__advert_interval": "9" * 400 + "s"},
+        f'vrrp.instances.back.advert_interval: duration "{"9" * 400}s" is too long',
+    ),
+    (
+        "timeout beyond a float (would be infinity)",
+        {"sessions__udp_timeout": "9" * 400 + "ms"},
+        f'sessions.udp_timeout: duration "{"9" * 400}ms" is too long',
+    ),
     (
         "name with space",
         {"pools": {"my pool": {"servers": [{"address": "198.18.0.11", "port": 1}]}}},
@@ -942,6 +963,16 @@ def test_toml_syntax_error_names_the_file(tmp_path: Path) -> None:
     [error] = info.value.errors
     assert error.startswith(f"{path}: TOML syntax error: ")
     assert "line 2" in error
+
+
+def test_toml_integer_beyond_the_digit_limit_is_a_config_error(tmp_path: Path) -> None:
+    """Found by fuzzing: tomllib raised a plain ValueError (int()'s 4300-digit limit)."""
+    path = tmp_path / "big.toml"
+    path.write_text(MINIMAL + "batch = " + "1" * 5000 + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    [error] = info.value.errors
+    assert error.startswith(f"{path}: TOML value error: ")
 
 
 def test_load_config_reports_validation_errors_with_the_path(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ the blocking client ``request()`` and with ``lbctl``'s ``main()``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import socket
@@ -21,7 +22,7 @@ from typing import Any
 import pytest
 
 from lb import ctl
-from lb.control import CommandError, ControlServer, Handler, request
+from lb.control import MAX_REQUEST, CommandError, ControlServer, Handler, request
 
 SERVERS = [
     {"pool": "web", "server": "198.18.0.11:8080", "up": True, "state": "UP",
@@ -97,6 +98,13 @@ DISPATCH_CASES = [
     DispatchCase("no command key", b'{"args": []}\n', {"ok": False, "error": "malformed request"}),
     DispatchCase("not an object", b"[1, 2]\n", {"ok": False, "error": "malformed request"}),
     DispatchCase("args not a list", req("echo", 5), {"ok": False, "error": "malformed request"}),
+    # Found by fuzzing (docs/fuzzing.md): a string or an object was taken apart as a list.
+    DispatchCase("args a string", req("echo", "ab"), {"ok": False, "error": "malformed request"}),
+    DispatchCase("args an object", req("echo", {"a": 1}),
+                 {"ok": False, "error": "malformed request"}),
+    # Found by fuzzing: json.loads raised RecursionError past the nesting limit.
+    DispatchCase("nesting deeper than the parser's limit", b'{"args": ' + b"[" * 50_000,
+                 {"ok": False, "error": "malformed request"}),
     DispatchCase("command not a string", req(["status"]),
                  {"ok": False, "error": "malformed request"}),
     DispatchCase("command an object", req({"a": 1}),
@@ -192,6 +200,22 @@ def test_bad_clients_do_not_hurt_the_server(served: ServerThread) -> None:
             if payload:
                 assert json.loads(data)["ok"] is False
     assert request(path, "status", [])["ok"]
+
+
+def test_request_longer_than_the_limit_gets_an_error_answer(served: ServerThread) -> None:
+    """Found by fuzzing: a request line over MAX_REQUEST was dropped without an answer."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(str(served.path))
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            s.sendall(b"x" * (MAX_REQUEST + 1))
+            s.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := s.recv(4096):
+            data += chunk
+    assert json.loads(data) == {"ok": False,
+                                "error": f"request longer than {MAX_REQUEST} bytes"}
+    assert request(str(served.path), "status", [])["ok"]
 
 
 def test_result_that_is_not_json_is_an_internal_error(served: ServerThread) -> None:

@@ -555,6 +555,47 @@ def test_forwarder_table(case: Case) -> None:
         case.check(w)
 
 
+# Found by fuzzing (docs/fuzzing.md): a flow refused after scheduling had already bound or
+# rebound its client's network, and a SYN replacing a closing session removed it even when the
+# new session was then refused.
+
+def _refused_changes_nothing(w: World, steps: Sequence[Step | Action], last: Step) -> None:
+    run_steps(w, steps)
+    before = (len(w.sessions), [(b.client_net, b.server) for b in w.persistence],
+              [s.active for s in w.services.servers()])
+    run_steps(w, [last])
+    after = (len(w.sessions), [(b.client_net, b.server) for b in w.persistence],
+             [s.active for s in w.services.servers()])
+    assert after == before
+
+
+def test_table_full_binds_no_new_client_network() -> None:
+    w = make_world(make_config(persistence="client-ip", max_sessions=1))
+    _refused_changes_nothing(w, [fwd(syn_from(CLIENT, 40000), syn_to(CLIENT, 40000, S1))],
+                             drop(syn_from(FAR, 40000)))
+    assert w.fwd.drops == {"table_full": 1}
+
+
+def test_table_full_leaves_a_binding_to_a_server_gone_down() -> None:
+    w = make_world(make_config(persistence="client-ip", max_sessions=1))
+    _refused_changes_nothing(
+        w, [fwd(syn_from(CLIENT, 40000), syn_to(CLIENT, 40000, S1)), down(S1)],
+        drop(syn_from(CLIENT, 40001)))
+    assert [b.server.addr for b in w.persistence] == [ip_to_int(S1)]
+
+
+def test_refused_syn_keeps_the_closing_session_it_would_replace() -> None:
+    w = make_world()
+    _refused_changes_nothing(
+        w, [fwd(syn_from(CLIENT, 40000), syn_to(CLIENT, 40000, S1)),
+            fwd(tcp(CLIENT, VIP, 40000, 80, "A"), tcp(CLIENT, S1, 40000, HTTP, "A")),
+            fwd(tcp(CLIENT, VIP, 40000, 80, "R"), tcp(CLIENT, S1, 40000, HTTP, "R")),
+            down(S1, S2)],
+        send(syn_from(CLIENT, 40000), rst(VIP, CLIENT, 80, 40000, seq=0, ack=1001, flags="RA")))
+    assert w.fwd.drops == {"no_server": 1}
+    assert [s.tcp_state for s in w.sessions] == [TcpState.CLOSE]
+
+
 def test_every_parse_verdict_has_a_malformed_case() -> None:
     """The table reaches each packet.Drop that parse() returns, under its lowercased name
     (the two ICMP-error verdicts are counted as icmp_bad / icmp_unsupported instead)."""
