@@ -218,15 +218,15 @@ class Forwarder:
         if svc is None:
             self._refuse(buf, off, end, proto, flags, "no_service")
             return None
-        if proto == PROTO_TCP and flags & (SYN | ACK | RST) != SYN:
-            # Only a SYN opens a TCP session; anything else mid-stream (a session that
-            # expired, or was reset because its server went down) is answered with RST ...
-            if flags & (SYN | ACK | RST) != ACK or not svc.scheduler.consistent:
-                self._refuse(buf, off, end, proto, flags, "no_session")
-                return None
-            # ... except where the scheduler is consistent: then the peer that scheduled
-            # this flow (and died before its record reached us) picked the server we pick
-            # now, so the flow is picked up mid-stream, as IPVS's sloppy_tcp does.
+        # Only a SYN opens a TCP session; anything else mid-stream (a session that expired,
+        # or was reset because its server went down) is answered with RST, except a plain
+        # ACK where the scheduler is consistent: then the peer that scheduled this flow (and
+        # died before its record reached us) picked the server we pick now, so the flow is
+        # picked up mid-stream, as IPVS's sloppy_tcp does.
+        if proto == PROTO_TCP and flags & (SYN | ACK | RST) != SYN and (
+                flags & (SYN | ACK | RST) != ACK or not svc.scheduler.consistent):
+            self._refuse(buf, off, end, proto, flags, "no_session")
+            return None
         if len(self.sessions) - (reused is not None) >= self.sessions.max_sessions:
             self.drop("table_full")
             return None

@@ -132,7 +132,10 @@ TRANSITIONS: Final[dict[tuple[str, str], tuple[TcpState, ...]]] = {
 _COLUMNS: Final = (_SR, _ES, _FW, _CW, _TW, _CL, _LA)
 
 #: States in which a new SYN on the same 5-tuple replaces the session (IPVS conn_reuse_mode).
-REUSABLE_STATES: Final = frozenset({_FW, _CW, _TW, _CL, _LA})
+#: ESTABLISHED too: a client's TCP never sends a bare SYN on a connection it has open, so a
+#: SYN there opens a new connection on a reused port, and the session it meets is stale (a
+#: copy adopted at a takeover whose close the peer never got to send).
+REUSABLE_STATES: Final = frozenset({_ES, _FW, _CW, _TW, _CL, _LA})
 
 
 def _event(flags: int) -> str:
