@@ -32,14 +32,10 @@ class AddressOwner:
         self.held: dict[tuple[str, str], VrrpAddress] = {}  # (interface, address) → entry
         self.garps_sent = 0
 
-    @property
-    def held_addresses(self) -> frozenset[str]:
-        return frozenset(address for _, address in self.held)
-
     async def take(self, ifname: str, addresses: Iterable[VrrpAddress], *, garp_count: int,
                    garp_interval: float, garp_refresh: float = 0.0) -> None:
         for entry in addresses:
-            await self.kernel.claim_vip(entry.address, self.tun_index, ifname)
+            await self.kernel.claim_address(entry.address, self.tun_index, ifname)
             self.held[(ifname, entry.address)] = entry
             self.announce(ifname, entry.address, garp_count, garp_interval)
             if garp_refresh > 0:
@@ -49,7 +45,7 @@ class AddressOwner:
 
     async def release(self, ifname: str, addresses: Iterable[VrrpAddress]) -> None:
         for entry in addresses:
-            await self.kernel.release_vip(entry.address, ifname)
+            await self.kernel.release_address(entry.address, ifname)
             self.held.pop((ifname, entry.address), None)
 
     async def release_all(self) -> None:

@@ -61,8 +61,6 @@ class Roles:
         self._mastered: set[str] = set()
         self._events: deque[RoleEvent] = deque()
         self.peer_snapshot_done = False
-        self.took_total = 0
-        self.lost_total = 0
 
     @classmethod
     def standalone(cls) -> Roles:
@@ -78,11 +76,9 @@ class Roles:
             raise KeyError(f"unknown VRRP instance {instance!r}")
         if master and instance not in self._mastered:
             self._mastered.add(instance)
-            self.took_total += 1
             self._events.append(Took(instance))
         elif not master and instance in self._mastered:
             self._mastered.discard(instance)
-            self.lost_total += 1
             self._events.append(Lost(instance))
 
     def peer_snapshot(self) -> None:
@@ -109,7 +105,3 @@ class Roles:
     @property
     def masters_any(self) -> bool:
         return bool(self._mastered)
-
-    @property
-    def masters_all(self) -> bool:
-        return len(self._mastered) == len(self.instances)

@@ -120,7 +120,7 @@ class SyncService:
             "connected": self.outbound_connected and self.inbound_connected,
             "outbound": self.outbound_connected, "inbound": self.inbound_connected,
             "peer": str(self.cfg.peer), "peer_node": self.peer_node,
-            "sending": self.outbound_connected, "lag_seconds": round(self.lag, 6),
+            "lag_seconds": round(self.lag, 6),
             "records_sent": self.records_sent, "snapshots_sent": self.snapshots_sent,
             "errors": dict(self.errors), **self.rep.status(),
         }

@@ -136,8 +136,10 @@ class Kernel:
 
     # ---- set-up ---------------------------------------------------------------------------
     async def prepare(self, *, tun: str, client_if: str, server_if: str,
-                      rps_cpus: str = "off") -> None:
-        """Sysctls the NAT path needs, in this namespace only, and RPS on the TUN."""
+                      rps_cpus: str = "off", arp_interfaces: Iterable[str] = ()) -> None:
+        """Sysctls the NAT path needs, in this namespace only, and RPS on the TUN.
+        ``arp_interfaces``: where lbd answers ARP for addresses it holds (besides
+        ``client_if``)."""
         write_sysctl("net.ipv4.ip_forward", "1")
         # Rewritten client packets re-enter through the TUN with the client's source:
         # strict reverse-path filtering would drop them.
@@ -151,8 +153,11 @@ class Kernel:
         # the client side; translated, it re-enters through the TUN with the LB's own source
         # address, which the kernel drops as martian unless accept_local is on.
         write_sysctl(f"net.ipv4.conf.{tun}.accept_local", "1")
-        # Answer ARP for VIPs at once instead of after a random proxy delay.
+        # Answer ARP for held addresses at once instead of after a random proxy delay.
         write_sysctl(f"net.ipv4.neigh.{client_if}.proxy_delay", "0")
+        for dev in set(arp_interfaces) - {client_if}:
+            with contextlib.suppress(OSError):  # a missing one is the VRRP start's error
+                write_sysctl(f"net.ipv4.neigh.{dev}.proxy_delay", "0")
         with contextlib.suppress(OSError):
             write_sysctl(f"net.ipv6.conf.{tun}.disable_ipv6", "1")
         mask = cpu_mask(rps_cpus)
@@ -255,33 +260,31 @@ class Kernel:
         await self._call(self._set_reply_rules, server_if, sorted(set(servers)))
 
     # ---- addresses the master holds ---------------------------------------------------------
-    def _claim_vip(self, vip: str, tun_index: int, client_if: str) -> None:
-        with contextlib.suppress(OSError):  # answer ARP for it at once, not after a delay
-            write_sysctl(f"net.ipv4.neigh.{client_if}.proxy_delay", "0")
-        self._replace_route(f"{vip}/32", tun_index, 254)
+    def _claim_address(self, address: str, tun_index: int, ifname: str) -> None:
+        self._replace_route(f"{address}/32", tun_index, 254)
         try:
-            self._ipr.neigh("add", dst=vip, ifindex=self._index(client_if), flags=NTF_PROXY,
+            self._ipr.neigh("add", dst=address, ifindex=self._index(ifname), flags=NTF_PROXY,
                             NDA_PROTOCOL=RTPROT_LBD)
         except NetlinkError as exc:
             if exc.code != EEXIST:
                 raise
 
-    async def claim_vip(self, vip: str, tun_index: int, client_if: str) -> None:
-        """Route the address into the data plane and answer ARP for it on ``client_if``
+    async def claim_address(self, address: str, tun_index: int, ifname: str) -> None:
+        """Route the address into the data plane and answer ARP for it on ``ifname``
         (a proxy neighbour entry: answered only while the route leads into the TUN, which
         lives and dies with lbd, so a killed lbd answers no ARP for it)."""
-        await self._call(self._claim_vip, vip, tun_index, client_if)
+        await self._call(self._claim_address, address, tun_index, ifname)
 
-    def _release_vip(self, vip: str, client_if: str) -> None:
+    def _release_address(self, address: str, ifname: str) -> None:
         with contextlib.suppress(NetlinkError):
-            self._ipr.route("del", dst=f"{vip}/32", table=254, proto=RTPROT_LBD)
-        idx = self._ifindex(client_if)
+            self._ipr.route("del", dst=f"{address}/32", table=254, proto=RTPROT_LBD)
+        idx = self._ifindex(ifname)
         if idx is not None:
             with contextlib.suppress(NetlinkError):
-                self._ipr.neigh("del", dst=vip, ifindex=idx, flags=NTF_PROXY)
+                self._ipr.neigh("del", dst=address, ifindex=idx, flags=NTF_PROXY)
 
-    async def release_vip(self, vip: str, client_if: str) -> None:
-        await self._call(self._release_vip, vip, client_if)
+    async def release_address(self, address: str, ifname: str) -> None:
+        await self._call(self._release_address, address, ifname)
 
     # ---- helpers ----------------------------------------------------------------------------
     def _index(self, ifname: str) -> int:

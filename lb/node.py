@@ -167,7 +167,8 @@ class Node:
         self.tun_fd = open_tun(dp.tun)
         self.tun_index = await self.kernel.set_link_up(dp.tun)
         await self.kernel.prepare(tun=dp.tun, client_if=dp.client_interface,
-                                  server_if=dp.server_interface, rps_cpus=dp.rps_cpus)
+                                  server_if=dp.server_interface, rps_cpus=dp.rps_cpus,
+                                  arp_interfaces={ic.interface for ic in cfg.vrrp_instances})
         await self.kernel.install_reply_path(self.tun_index, dp.server_interface,
                                              self._server_addresses())
         self.dataplane = DataPlane(self.tun_fd, self.forwarder, batch=dp.batch)

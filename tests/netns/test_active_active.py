@@ -196,11 +196,15 @@ def test_a_killed_daemon_forwards_nothing_and_answers_no_arp(env: LabEnv) -> Non
     assert "lladdr" in env.lab.sh("s1", f"ip neigh show {GATEWAY}")
     a.stop(signal.SIGKILL)
     capture = subprocess.Popen(
-        ["ip", "netns", "exec", env.lab.ns("c1"), "tshark", "-i", "eth0", "-a", "duration:4",
+        ["ip", "netns", "exec", env.lab.ns("c1"), "tshark", "-i", "eth0", "-a", "duration:8",
          "-f", f"src host {s1} or (arp and ether src {mac(env, 'lba')})", "-T", "fields",
-         "-e", "frame.protocols"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+         "-e", "frame.protocols"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True)
-    wait_until(lambda: "tshark" in env.lab.sh("c1", "ps -e -o comm"), timeout=5,
+    notes = capture.stderr
+    assert notes is not None
+    # Send nothing before tshark says it captures: a late capture would see nothing anyway.
+    # (Each readline returns by tshark's own duration at the latest.)
+    wait_until(lambda: "Capturing on" in notes.readline(), timeout=10,
                what="the capture to start")
     # ... and send to a client through it: before the fix these left lba untranslated.
     send = (f"{sys.executable} -c \"import socket,time\n"

@@ -187,7 +187,7 @@ def test_roles_emit_every_transition_in_order_even_a_flip_between_ticks() -> Non
 
 def test_a_standalone_node_masters_everything_from_the_start() -> None:
     roles = Roles.standalone()
-    assert roles.masters_all and roles.next_event() == Took("")
+    assert roles.mastered == {""} and roles.next_event() == Took("")
 
 
 def test_roles_refuse_an_unknown_instance() -> None:
