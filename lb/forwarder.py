@@ -236,13 +236,19 @@ class Forwarder:
             return None
         owner = self.sessions.lookup_reply(flow_key(proto, server.addr, server.port, saddr,
                                                     sport))
-        if owner is not None and owner is not reused:
+        if owner is reused:
+            owner = None
+        if owner is not None and not self.sessions.is_closing(owner):
             # The same client ip:port already reaches this server through another virtual
             # server: the replies could not be told apart.
             self.drop("flow_conflict")
             return None
-        if reused is not None:
-            self.sessions.remove(reused, "reused", now)
+        # A closing session of another virtual server that holds the reverse key (the
+        # client reused the port for the other VIP, and the server is the same) is over: the
+        # new flow replaces it, as a new SYN replaces a closing session of its own 5-tuple.
+        for old in (reused, owner):
+            if old is not None:
+                self.sessions.remove(old, "reused", now)
         binding = self._bind(svc, saddr, server, bound, now)
         s = self.sessions.create(proto, saddr, sport, daddr, dport, server, svc, flags, now,
                                  binding)

@@ -135,7 +135,8 @@ _COLUMNS: Final = (_SR, _ES, _FW, _CW, _TW, _CL, _LA)
 #: ESTABLISHED too: a client's TCP never sends a bare SYN on a connection it has open, so a
 #: SYN there opens a new connection on a reused port, and the session it meets is stale (a
 #: copy adopted at a takeover whose close the peer never got to send).
-REUSABLE_STATES: Final = frozenset({_ES, _FW, _CW, _TW, _CL, _LA})
+CLOSING_STATES: Final = frozenset({_FW, _CW, _TW, _CL, _LA})
+REUSABLE_STATES: Final = CLOSING_STATES | {_ES}
 
 
 def _event(flags: int) -> str:
@@ -167,6 +168,7 @@ def _compile(direction: str) -> tuple[int, ...]:
 _NEXT_INPUT: Final = _compile("input")
 _NEXT_OUTPUT: Final = _compile("output")
 _REUSABLE: Final = tuple(st in REUSABLE_STATES for st in TcpState)
+_CLOSING: Final = tuple(st in CLOSING_STATES for st in TcpState)
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,8 +356,13 @@ class SessionTable(Generic[S]):
         return s.last_seen + self._timeout_of[s.state]
 
     def is_reusable(self, s: Session[S]) -> bool:
-        """Is ``s`` closing, so that a new SYN on its 5-tuple should replace it?"""
+        """Should a new SYN on the 5-tuple of ``s`` replace it (``s`` is closing, or an
+        ESTABLISHED session the client has evidently left)?"""
         return _REUSABLE[s.state]
+
+    def is_closing(self, s: Session[S]) -> bool:
+        """Has ``s`` seen a FIN or RST (a TCP state in :data:`CLOSING_STATES`)?"""
+        return _CLOSING[s.state]
 
     # --- per packet ----------------------------------------------------------------------
 

@@ -63,9 +63,10 @@ def pinned(env: LabEnv, client: str, vip: str, count: int = 4) -> str:
     (one of which may time out: see ``traffic``)."""
     got: Any = env.client(client, "get", URL[vip], "--count", str(count), "--timeout", "3")
     answers = [a for a in got["answers"] if "timed out" not in a]
-    # Known and open (issue 7's note): after a failover, some new connections of a client
-    # that ran a connection load still time out (3 s); none is reset or goes elsewhere.
-    assert answers and len(set(answers)) == 1 and answers[0] in SERVERS, got
+    # Known and open (issue 7's note): after a failover, a new connection may still time
+    # out (3 s), at most one of these; none is reset or goes elsewhere.
+    assert len(answers) >= count - 1 and len(set(answers)) == 1, got
+    assert answers[0] in SERVERS, got
     if len(answers) < count:
         print(f"{client} -> VIP {vip}: {count - len(answers)} of {count} GETs timed out")
     return str(answers[0])
@@ -91,7 +92,11 @@ def streaming(lbd: Lbd, count: int) -> bool:
 @contextmanager
 def traffic(env: LabEnv, survivor: Lbd) -> Iterator[dict[str, Any]]:
     """Streams (c1 → VIP A, c2 → VIP B) and a new-connection load on both VIPs, running
-    while the block runs; checked when it ends: every line in order, no request failed."""
+    while the block runs; checked when it ends: every line in order, no request failed.
+
+    Each client talks to one VIP only while its stream is open: c1 and c2 are pinned to the
+    same server on both VIPs, and a client port used for both VIPs at once would give two
+    flows one server-side 5-tuple, which no NAT can tell apart (dropped as flow_conflict)."""
     streams = {vip: spawn_client(env, client, "stream", f"{URL[vip]}stream/{STREAM_SECONDS}",
                                  "--timeout", "5")
                for vip, client in (("a", "c1"), ("b", "c2"))}
@@ -101,7 +106,7 @@ def traffic(env: LabEnv, survivor: Lbd) -> Iterator[dict[str, Any]]:
     # (1 s): the load's timeout leaves room for it, and any reset or refusal fails the test.
     loads = {vip: spawn_client(env, client, "load", URL[vip], "--duration",
                                str(STREAM_SECONDS - 2), "--timeout", "5")
-             for vip, client in (("a", "c2"), ("b", "c1"))}
+             for vip, client in (("a", "c1"), ("b", "c2"))}
     got: dict[str, Any] = {}
     yield got
     for vip, proc in streams.items():

@@ -352,6 +352,13 @@ CASES: list[Case] = [
          (fwd(SYN, SYN_TO_S1), drop(tcp(CLIENT, VIP, 40000, 8000))),
          drops={"flow_conflict": 1}, config=lambda: make_config(alt_port=8000),
          check=sessions_in(1)),
+    Case("a closing session of another virtual server that holds the server-side 5-tuple "
+         "is replaced by the new flow (the client reused its port for the other VIP)",
+         (fwd(SYN, SYN_TO_S1), fwd(ACK, tcp(CLIENT, S1, 40000, HTTP, "A", seq=1001, ack=5001)),
+          fwd(tcp(CLIENT, VIP, 40000, 80, "FA", seq=1001, ack=5001),
+              tcp(CLIENT, S1, 40000, HTTP, "FA", seq=1001, ack=5001)),
+          fwd(tcp(CLIENT, VIP, 40000, 8000), tcp(CLIENT, S1, 40000, HTTP))),
+         config=lambda: make_config(alt_port=8000), check=sessions_in(1)),
     # --- ICMP ----------------------------------------------------------------------------------
     Case("ICMP echo request to the VIP is answered as an echo reply (TTL 64)",
          (fwd(IP(src=CLIENT, dst=VIP, id=5, ttl=50) / ICMP(type=8, id=7, seq=3) / Raw(b"abc"),
