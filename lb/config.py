@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import hashlib
 import json
 import math
 import os
@@ -91,6 +92,7 @@ class NodeConfig:
 
     name: str
     control_socket: str = "/run/lbd/control.sock"
+    state_dir: str = "/var/lib/lbd"  # what must outlive the process: operator state, snapshots
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -311,6 +313,21 @@ class Config:
         """No VRRP instance: this node holds its VIPs alone."""
         return not self.vrrp_instances
 
+    def service_digest(self) -> bytes:
+        """16 bytes that differ when the virtual servers or pools differ.
+
+        Two nodes whose digests match agree on every virtual server (address, port, protocol,
+        pool, scheduler, persistence) and every pool's servers, so a session or binding one of
+        them sends names something the other has. Health checks, timeouts and VRRP do not
+        enter it. Used by the sync hello and the table snapshot on disk."""
+        canon = {
+            "virtual_servers": sorted(dataclasses.astuple(vs) for vs in self.virtual_servers),
+            "pools": sorted((p.name, [dataclasses.astuple(s) for s in p.servers])
+                            for p in self.pools.values()),
+        }
+        raw = json.dumps(canon, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.blake2b(raw, digest_size=16, person=b"lbd-services").digest()
+
     def owner_of(self, address: str) -> str:
         """The VRRP instance that holds a virtual server's address (``""`` standalone).
 
@@ -496,6 +513,7 @@ def _node(t: _Table) -> NodeConfig:
     node = NodeConfig(
         name=t.req("name", _name, ""),
         control_socket=t.get("control_socket", _abs_path, _default(NodeConfig, "control_socket")),
+        state_dir=t.get("state_dir", _abs_path, _default(NodeConfig, "state_dir")),
     )
     t.finish()
     return node

@@ -981,3 +981,17 @@ def test_load_config_reports_validation_errors_with_the_path(tmp_path: Path) -> 
     with pytest.raises(ConfigError) as info:
         load_config(str(path))
     assert info.value.errors == [f"{path}: dataplane.batch: must be between 1 and 4096, got 0"]
+
+
+def test_service_digest_follows_services_not_timeouts() -> None:
+    base = parse_config(tomllib.loads(BASE), SOURCE)
+    later = dataclasses.replace(base.sessions, tcp_established_timeout=1.0)
+    assert base.service_digest() == dataclasses.replace(base, sessions=later).service_digest()
+    assert len(base.service_digest()) == 16
+    vs = dataclasses.replace(base.virtual_servers[0], port=81)
+    moved = dataclasses.replace(base, virtual_servers=(vs, *base.virtual_servers[1:]))
+    assert base.service_digest() != moved.service_digest()
+
+
+def test_state_dir_default() -> None:
+    assert parse_config(tomllib.loads(MINIMAL), SOURCE).node.state_dir == "/var/lib/lbd"
