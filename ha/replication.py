@@ -20,9 +20,13 @@ instance now. The rules, for both nodes at once (active-active):
   table still knows when the flow closed, and a flow whose only traffic is replies stays
   alive.
 - **Inbound.** A session or binding record for a service this node does *not* own is
-  installed as the peer's copy (same server, the peer's idle age); one for a service it owns
-  is refused and counted as ``master`` (split brain: our own table wins). A record naming an
-  unknown virtual server or server is skipped and counted.
+  installed as the peer's copy (same server, the peer's idle age). One for a service it owns
+  never changes what this node has: when the flow or client is already in its table the
+  record is refused and counted as ``master`` (split brain: our own table wins). When it is
+  not, the flow exists only on the peer (opened in the instant of a handback, before the
+  peer saw our first advert) and the record is installed, counted as ``late``; otherwise
+  that flow's next packet, or its server's SYN-ACK held for the record, would find nothing.
+  A record naming an unknown virtual server or server is skipped and counted.
 - **Snapshots** replace only what belongs to the peer: the records of a snapshot are
   installed as they come (no gap: the return path keeps forwarding from the old copy), and
   at its end every copy of a not-owned service that the snapshot did not carry is removed.
@@ -84,6 +88,7 @@ class Replicator:
         # counters
         self.records_received = 0
         self.replies_reported = 0
+        self.late = 0  # records installed for an owned service whose flow was not here
         self.snapshots_received = 0
         self.skipped: dict[str, int] = {}
 
@@ -182,6 +187,11 @@ class Replicator:
             found = self._service_and_server(ev.proto, ev.vaddr, ev.vport, ev.raddr, ev.rport)
             if found is not None:
                 svc, server = found
+                if svc.owned:
+                    if self.persistence.lookup(svc, ev.client_net, now) is not None:
+                        self._skip("master")  # split brain: our own binding wins
+                        return
+                    self.late += 1
                 if self._snap_bindings is not None:
                     self._snap_bindings.add((svc.key, ev.client_net))
                 if self.persistence.install(svc, ev.client_net, server, ev.timeout,
@@ -207,8 +217,14 @@ class Replicator:
         if found is None:
             return
         svc, server = found
+        fkey = flow_key(ev.proto, ev.caddr, ev.cport, ev.vaddr, ev.vport)
+        if svc.owned:
+            if self.sessions.lookup(fkey) is not None:
+                self._skip("master")  # split brain: our own session wins
+                return
+            self.late += 1
         if self._snap_sessions is not None:
-            self._snap_sessions.add(flow_key(ev.proto, ev.caddr, ev.cport, ev.vaddr, ev.vport))
+            self._snap_sessions.add(fkey)
         binding = None
         if svc.persistence:
             binding = self.persistence.lookup(svc, ev.caddr & svc.persistence_mask, now)
@@ -254,9 +270,6 @@ class Replicator:
         if svc is None:
             self._skip("unknown_service")
             return None
-        if svc.owned:
-            self._skip("master")  # split brain: our own table wins
-            return None
         server = svc.pool.find(raddr, rport)
         if server is None:
             self._skip("unknown_server")
@@ -269,5 +282,5 @@ class Replicator:
     def status(self) -> dict[str, Any]:
         return {"records_received": self.records_received,
                 "snapshots_received": self.snapshots_received,
-                "replies_reported": self.replies_reported,
+                "replies_reported": self.replies_reported, "late": self.late,
                 "peer_snapshot_done": self.snapshot_done, "skipped": dict(self.skipped)}

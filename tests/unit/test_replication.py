@@ -212,15 +212,33 @@ def test_each_node_streams_its_own_instances_and_installs_the_peers() -> None:
     assert p.a.rep.skipped == {} and p.b.rep.skipped == {}
 
 
-def test_a_record_for_an_instance_this_node_masters_is_refused_and_counted() -> None:
+def test_a_record_for_an_instance_this_node_masters_never_changes_its_own_state() -> None:
     p = Pair()
-    forged = SessionRecord(TCP_P, ip_to_int(C1), 40000, ip_to_int(VIP_A), 80, ip_to_int(S1),
-                           8080, EST, 0.0)
-    p.ba.deliver([forged, BindingRecord(TCP_P, ip_to_int(VIP_A), 80, ip_to_int(C1),
-                                        ip_to_int(S1), 8080, 600.0, 0.0),
-                  SessionGone(TCP_P, ip_to_int(C1), 40000, ip_to_int(VIP_A), 80)])
-    assert p.a.table() == {} and len(p.a.bindings) == 0
-    assert p.a.rep.skipped == {"master": 2}  # the session and the binding (gone: no such)
+    own = to_server(p.a, VIP_A, 40000)  # A's own session and binding for C1 on VIP A
+    other = next(s for s in (S1, "198.18.0.12") if s != own)
+    p.sync()
+    before = (p.a.table(), [(b.client_net, b.server.addr) for b in p.a.bindings])
+    p.ba.deliver([
+        SessionRecord(TCP_P, ip_to_int(C1), 40000, ip_to_int(VIP_A), 80, ip_to_int(other),
+                      8080, EST, 0.0),
+        BindingRecord(TCP_P, ip_to_int(VIP_A), 80, ip_to_int(C1), ip_to_int(other), 8080,
+                      600.0, 0.0)])
+    assert (p.a.table(), [(b.client_net, b.server.addr) for b in p.a.bindings]) == before
+    assert p.a.rep.skipped == {"master": 2} and p.a.rep.late == 0
+
+
+def test_a_flow_only_the_peer_has_is_installed_even_for_an_owned_instance() -> None:
+    """A handback: B still mastered VIP A for a moment after A took it and opened a flow; its
+    record reaches A, which has nothing for that flow and must now forward it."""
+    p = Pair()
+    p.ba.deliver([
+        SessionRecord(TCP_P, ip_to_int(C1), 40000, ip_to_int(VIP_A), 80, ip_to_int(S1), 8080,
+                      EST, 0.0),
+        BindingRecord(TCP_P, ip_to_int(VIP_A), 80, ip_to_int(C1), ip_to_int(S1), 8080, 600.0,
+                      0.0),
+        SessionGone(TCP_P, ip_to_int(C1), 40000, ip_to_int(VIP_B), 80)])
+    assert p.a.table() == {(VIP_A, 40000): (ip_to_int(S1), EST)}
+    assert len(p.a.bindings) == 1 and p.a.rep.late == 2 and p.a.rep.skipped == {}
 
 
 @pytest.mark.parametrize(("record", "reason"), [
