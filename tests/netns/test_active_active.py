@@ -62,13 +62,8 @@ def pinned(env: LabEnv, client: str, vip: str, count: int = 4) -> str:
     """The one server ``client`` reaches on VIP ``vip`` ("a" or "b"), over ``count`` GETs
     (one of which may time out: see ``traffic``)."""
     got: Any = env.client(client, "get", URL[vip], "--count", str(count), "--timeout", "3")
-    answers = [a for a in got["answers"] if "timed out" not in a]
-    # Known and open (issue 7's note): after a failover, a new connection may still time
-    # out (3 s), at most one of these; none is reset or goes elsewhere.
-    assert len(answers) >= count - 1 and len(set(answers)) == 1, got
-    assert answers[0] in SERVERS, got
-    if len(answers) < count:
-        print(f"{client} -> VIP {vip}: {count - len(answers)} of {count} GETs timed out")
+    answers = got["answers"]
+    assert len(set(answers)) == 1 and answers[0] in SERVERS, got
     return str(answers[0])
 
 
@@ -114,13 +109,8 @@ def traffic(env: LabEnv, survivor: Lbd) -> Iterator[dict[str, Any]]:
         assert r["error"] == "" and r["in_order"] and r["lines"] > STREAM_SECONDS * 20, r
     for vip, proc in loads.items():
         got[f"load {vip}"] = r = result(proc)
-        failed = dict(r["failed"])
-        # Known and open (see issue 7's note): a connection opened in the instant of a
-        # failover can still hang past the timeout, at most one per load here. No reset and
-        # no refusal is allowed, ever.
-        timeouts = failed.pop("error: URLError: <urlopen error timed out>", 0)
-        assert failed == {} and timeouts <= 1 and r["ok"] > 0, (vip, r)
-        print(f"load {vip}: {r['ok']} ok, {timeouts} timed out")
+        assert r["failed"] == {} and r["ok"] > 0, (vip, r)
+        print(f"load {vip}: {r['ok']} ok")
 
 
 def nothing_installed(env: LabEnv, host: str) -> None:
@@ -166,11 +156,12 @@ def test_a_restarted_node_takes_its_vip_back_only_with_the_table(env: LabEnv) ->
     a.stop(signal.SIGKILL)
     wait_states(b, ALL_MASTER, timeout=5)
     pins = {(c, vip): pinned(env, c, vip) for c in ("c1", "c2") for vip in ("a", "b")}
+    before = len(a.log_text())  # the log is appended to: look at this start's lines only
     with traffic(env, b):  # opened through lbb alone; lba comes back in the middle
         a.start()
         wait_states(a, OWN["lba"], timeout=15)
         wait_states(b, OWN["lbb"], timeout=5)
-    log = a.log_text()
+    log = a.log_text()[before:]
     assert log.index("snapshot from the peer applied") < log.index("front-a: BACKUP -> MASTER")
     assert {k: pinned(env, *k) for k in pins} == pins
 
