@@ -128,9 +128,10 @@ def shipped_node_config(name: str, tmp: Path) -> str:
 class Holder:
     """Connections held open through the VIP by a client process."""
 
-    def __init__(self, env: LabEnv, host: str, count: int, port: int = 80) -> None:
+    def __init__(self, env: LabEnv, host: str, count: int, port: int = 80,
+                 vip: str = VIP) -> None:
         cmd = ["ip", "netns", "exec", env.lab.ns(host), sys.executable, "-m", "lab.client",
-               "hold", VIP, str(port), "--count", str(count), "--timeout", "3"]
+               "hold", vip, str(port), "--count", str(count), "--timeout", "3"]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, env={**os.environ, **ENV})
         assert self.proc.stdout is not None

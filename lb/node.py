@@ -413,6 +413,7 @@ class Node:
             "virtual_servers": {s.name: {"address": endpoint(s.vaddr, s.vport),
                                          "protocol": PROTO_NAMES[s.proto],
                                          "active_sessions": s.active,
+                                         "sessions_created": s.created_total,
                                          "instance": s.owner or None, "owned": s.owned,
                                          "held": self._held(int_to_ip(s.vaddr))}
                                 for s in self.services.services},
