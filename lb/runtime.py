@@ -57,9 +57,9 @@ class _Ramp:
     next_at: float
 
 
-def _view(s: RealServer) -> tuple[bool, bool, int]:
-    """What a scheduler sees of a server."""
-    return (s.usable(), s.backup, s.effective_weight)
+def _view(s: RealServer) -> tuple[bool, int] | None:
+    """What a scheduler sees of a server: nothing while it is not usable (no candidate)."""
+    return (s.backup, s.effective_weight) if s.usable() else None
 
 
 def _tick(duration: float) -> float:
@@ -298,7 +298,7 @@ class ServerRuntime:
             self._ramps.pop(server, None)
             server.effective_weight = weight
 
-    def _changed(self, server: RealServer, before: tuple[bool, bool, int]) -> bool:
+    def _changed(self, server: RealServer, before: tuple[bool, int] | None) -> bool:
         if _view(server) == before:
             return False
         pool = self.services.pools.get(server.pool)
