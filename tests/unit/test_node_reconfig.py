@@ -54,7 +54,7 @@ def test_two_concurrent_reloads_leave_exactly_one_monitor(tmp_path: Path) -> Non
         # a SIGHUP and an lbctl reload at the same moment
         results = await asyncio.gather(node.reload(), node.reload(),
                                        node.control_handlers()["reload"]([]))
-        assert results[:2] == [[], []]
+        assert list(results[:2]) == [[], []]
         assert health_tasks() == 2  # one monitor, two servers: nothing left running
         assert node.reloads == 3
         assert node.monitor is not None
