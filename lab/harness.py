@@ -47,7 +47,8 @@ class Lbd:
 
     def ctl(self, *args: str, check: bool = True) -> Any:
         proc = subprocess.run([str(BIN / "lbctl"), "--socket", self.socket, "--json", *args],
-                              capture_output=True, text=True, timeout=20, check=False)
+                              capture_output=True, text=True, timeout=20, check=False,
+                              env={**os.environ, **ENV})  # this tree's lbctl, like its lbd
         if proc.returncode != 0:
             if check:
                 raise AssertionError(f"lbctl {' '.join(args)} failed: {proc.stderr}")
