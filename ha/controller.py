@@ -273,13 +273,12 @@ class HaController:
         await self.evaluate_tracking()
         if not demoted:
             return []
-        stepped = []
-        for name, inst in self.instances.items():
-            if inst.machine.state is State.MASTER and inst.runner is not None:
-                now = asyncio.get_running_loop().time()
-                inst.machine.force_backup(now)
-                stepped.append(name)
-                self._on_step(now)
+        stepped = [name for name, inst in self.instances.items()
+                   if inst.machine.state is State.MASTER and inst.runner is not None]
+        for name in stepped:  # a sync group may already have stepped a member down
+            now = asyncio.get_running_loop().time()
+            self.instances[name].machine.force_backup(now)
+            self._on_step(now)
         return stepped
 
     def _apply_tracking(self, inst: Instance, fault: bool, priority: int,
