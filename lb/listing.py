@@ -28,8 +28,8 @@ from lb.sessions import Session, TcpState
 __all__ = ["EMIT_CHUNK", "SCAN_CHUNK", "Filter", "binding_filter", "chunks",
            "render_binding", "render_session", "session_filter"]
 
-EMIT_CHUNK = 500  # rendered items per chunk
-SCAN_CHUNK = 10_000  # entries looked at per chunk (filters that match little)
+EMIT_CHUNK = 200  # rendered items per chunk (about 4 ms of rendering and encoding)
+SCAN_CHUNK = 5_000  # entries looked at per chunk (filters that match little)
 PROTO_NAMES = {6: "tcp", 17: "udp"}
 
 T = TypeVar("T")

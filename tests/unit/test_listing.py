@@ -73,7 +73,7 @@ def test_a_filter_that_matches_little_still_yields_every_scan_chunk() -> None:
     sizes: list[int] = []
 
     async def main() -> None:
-        async for chunk in chunks(t, keep, lambda s: {"c": s.cport}, scan=1000):
+        async for chunk in chunks(t, keep, lambda s: {"c": s.cport}, emit=500, scan=1000):
             sizes.append(len(chunk))
 
     asyncio.run(main())
