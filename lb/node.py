@@ -248,6 +248,8 @@ class Node:
             self._expiry.cancel()
         if self._ramp_timer is not None:
             self._ramp_timer.cancel()
+        for task in list(self._tasks):
+            task.cancel()
         if self.monitor is not None:
             await self.monitor.stop()
         if self.dataplane is not None:

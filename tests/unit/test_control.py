@@ -347,3 +347,68 @@ def test_lbctl_unknown_command_is_a_usage_error(capsys: pytest.CaptureFixture[st
 )
 def test_render(command: str, result: Any, lines: list[str]) -> None:
     assert [ln.rstrip() for ln in ctl.render(command, result).splitlines()] == lines
+
+
+# --- lbctl: the runtime commands -----------------------------------------------------------------
+
+
+def test_lbctl_every_command_has_its_own_help(capsys: pytest.CaptureFixture[str]) -> None:
+    for command in ctl.COMMANDS:
+        with pytest.raises(SystemExit) as exc:
+            ctl.main([command, "--help"])
+        assert exc.value.code == 0
+        assert f"lbctl {command}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [
+    ["weight", "web", "198.18.0.11:8080"],  # no weight
+    ["weight", "web", "198.18.0.11:8080", "heavy"],
+    ["weight", "web", "198.18.0.11:8080", "-1"],
+    ["add-server", "web"],
+    ["sessions", "--limit", "x"],
+    ["demote", "extra"],
+    [],
+])
+def test_lbctl_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        ctl.main(["--socket", "/nonexistent", *argv])
+    assert exc.value.code == 2
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize(("argv", "sent"), [
+    (["weight", "web", "198.18.0.11:8080", "3"], ["weight", "web", "198.18.0.11:8080", "3"]),
+    (["add-server", "web", "198.18.0.14:8080", "--weight", "2", "--backup"],
+     ["add-server", "web", "198.18.0.14:8080", "--weight", "2", "--backup"]),
+    (["add-server", "web", "198.18.0.14:8080"], ["add-server", "web", "198.18.0.14:8080"]),
+    (["sessions", "--virtual", "web", "--client", "198.51.100.7", "--limit", "5"],
+     ["sessions", "--virtual", "web", "--client", "198.51.100.7", "--limit", "5"]),
+    (["persistence", "--server", "198.18.0.11:8080"],
+     ["persistence", "--server", "198.18.0.11:8080"]),
+    (["demote"], ["demote"]),
+    (["kill-sessions", "web", "198.18.0.11:8080", "--json"],
+     ["kill-sessions", "web", "198.18.0.11:8080"]),
+])
+def test_lbctl_sends_the_command_and_its_args(sock_path: Path, argv: list[str],
+                                              sent: list[str],
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    seen: list[list[str]] = []
+
+    def record(command: str) -> Handler:
+        def handler(args: list[str]) -> Any:
+            seen.append([command, *args])
+            return [] if command in ("sessions", "persistence") else {"done": True}
+
+        return handler
+
+    with ServerThread(sock_path, {c: record(c) for c in ctl.COMMANDS}):
+        rc, _, _ = lbctl(capsys, "--socket", str(sock_path), *argv)
+    assert rc == 0 and seen == [sent]
+
+
+def test_lbctl_warns_when_a_change_was_not_saved(sock_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    answer = {"pool": "web", "saved": False, "save_error": "not saved: read-only"}
+    with ServerThread(sock_path, {"drain": lambda args: answer}):
+        rc, _, err = lbctl(capsys, "--socket", str(sock_path), "drain", "web", "1.2.3.4:80")
+    assert rc == 0 and "warning: done, but not saved: read-only" in err
