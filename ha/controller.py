@@ -60,6 +60,7 @@ class HaController:
         self.config = config
         self.kernel = kernel
         self.gate_open = gate_open  # False: hold priority at 1 (sync: wait for the snapshot)
+        self.demoted = False  # lbctl demote: priority held at 1 like the gate, masters step down
         # Every state change of every instance, in order, as it happens (feeds ha.roles).
         self.on_state = on_state
         self.owner = owner
@@ -256,7 +257,29 @@ class HaController:
                     # Gated takeover: until the peer's sessions have arrived, do not preempt
                     # (a lone node still becomes master when no one else advertises).
                     priority = 1
+            if self.demoted:
+                priority = 1  # the same hold as the gate, also for an address owner
             self._apply_tracking(inst, fault, priority, [what for what, _ in failed])
+
+    async def demote(self, demoted: bool) -> list[str]:
+        """``lbctl demote`` / ``promote``. Demoted, every instance's priority is held at 1
+        (as the takeover gate holds it) and each MASTER steps down at once with a
+        priority-0 advert, so the peer takes over after its skew time and this node stays
+        BACKUP while the peer advertises (a node that hears no one for Master_Down_Interval
+        still becomes master: a demoted node never leaves an address unserved). Promoted,
+        the configured priority is back and preemption decides. Returns the instances
+        that stepped down."""
+        self.demoted = demoted
+        await self.evaluate_tracking()
+        if not demoted:
+            return []
+        stepped = [name for name, inst in self.instances.items()
+                   if inst.machine.state is State.MASTER and inst.runner is not None]
+        for name in stepped:  # a sync group may already have stepped a member down
+            now = asyncio.get_running_loop().time()
+            self.instances[name].machine.force_backup(now)
+            self._on_step(now)
+        return stepped
 
     def _apply_tracking(self, inst: Instance, fault: bool, priority: int,
                         failed: list[str]) -> None:
@@ -289,7 +312,7 @@ class HaController:
                 "addresses": [f"{a.address}/{a.prefix_len}" for a in inst.config.addresses],
                 "group": inst.group, "tracking_failed": inst.failed_tracks,
                 "gateway": name == self.config.gateway_instance,
-                "transitions": m.transitions,
+                "transitions": m.transitions, "demoted": self.demoted,
             }
         return out
 

@@ -47,7 +47,8 @@ class Lbd:
 
     def ctl(self, *args: str, check: bool = True) -> Any:
         proc = subprocess.run([str(BIN / "lbctl"), "--socket", self.socket, "--json", *args],
-                              capture_output=True, text=True, timeout=20, check=False)
+                              capture_output=True, text=True, timeout=20, check=False,
+                              env={**os.environ, **ENV})  # this tree's lbctl, like its lbd
         if proc.returncode != 0:
             if check:
                 raise AssertionError(f"lbctl {' '.join(args)} failed: {proc.stderr}")
@@ -92,7 +93,13 @@ class LabEnv:
         n = len(self.lbds)
         sock = str(self.tmp / f"{host}-{n}.sock")
         path = self.tmp / f"{host}-{n}.toml"
-        path.write_text(config.replace("@SOCKET@", sock))
+        text = config.replace("@SOCKET@", sock)
+        if "state_dir" not in text and "[node]\n" in text:
+            # Operator state lives per host of the lab, never in the machine's /var/lib/lbd;
+            # a restarted lbd on the same host finds what it saved.
+            state = self.tmp / f"state-{host}"
+            text = text.replace("[node]\n", f'[node]\nstate_dir = "{state}"\n', 1)
+        path.write_text(text)
         lbd = Lbd(self, host, path, sock, self.tmp / f"{host}-{n}.log")
         self.lbds.append(lbd)
         return lbd.start() if start else lbd

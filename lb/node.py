@@ -24,21 +24,31 @@ from ha.roles import Lost, PeerSnapshotComplete, Roles, Took
 from ha.sync import SyncService
 from ha.sync_codec import load_key
 from ha.vrrp_machine import State
+from lb import opstate
 from lb.addr import endpoint, int_to_ip, ip_to_int
 from lb.config import Config, ConfigError, VrrpAddress, load_config
-from lb.control import CommandError, ControlServer
+from lb.control import CommandError, ControlServer, Stream, parse_args
 from lb.dataplane import DataPlane
 from lb.forwarder import Forwarder, ServiceCounts
 from lb.health.monitor import HealthMonitor, PoolChecks
 from lb.health.probes import ProbeResult
 from lb.health.state import Transition
 from lb.kernel import Kernel
+from lb.listing import (
+    Filter,
+    binding_filter,
+    chunks,
+    render_binding,
+    render_session,
+    session_filter,
+)
 from lb.metrics import MetricsServer, SourceCollector, dataplane_metrics
 from lb.persistence import PersistenceTable
 from lb.reply_hold import ReplyHold
+from lb.runtime import Refused, ServerRuntime
 from lb.servers import AdminState, RealServer, candidates
 from lb.services import Service, ServiceSet, build_services
-from lb.sessions import Session, SessionTable, SessionTimeouts, TcpState
+from lb.sessions import Session, SessionTable, SessionTimeouts
 from lb.tun import open_tun
 
 log = logging.getLogger("lbd")
@@ -123,6 +133,12 @@ class Node:
                       else Roles(ic.name for ic in config.vrrp_instances))
         self.services: ServiceSet = build_services(config)
         self.services.follow(self.roles.masters)
+        # The one owner of every server's health, admin state, weight and ramp (lb.runtime);
+        # it also keeps the operator state, loaded from and saved to [node] state_dir.
+        self.runtime = ServerRuntime(self.services)
+        # Reconfiguration (reload, operator changes) one at a time, in arrival order.
+        self._reconfig = asyncio.Lock()
+        self._ramp_timer: asyncio.TimerHandle | None = None
         self.counts = ServiceCounts()
         self.sessions: SessionTable[Service] = SessionTable(
             session_timeouts(config), config.sessions.max_sessions,
@@ -146,6 +162,7 @@ class Node:
         self.ha: HaController | None = None
         self._expiry: asyncio.TimerHandle | None = None
         self._stopping = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self.reloads = 0
         self.reload_failures = 0
 
@@ -153,6 +170,7 @@ class Node:
     async def start(self) -> None:
         cfg = self.config
         self.loop = asyncio.get_running_loop()
+        await self._load_operator_state()
         dp = cfg.dataplane
         self.kernel = await Kernel.open(route_table=dp.route_table,
                                         rule_priority=dp.rule_priority)
@@ -192,6 +210,10 @@ class Node:
         else:
             self.ha = HaController(cfg, self.kernel, self.owner, self.pool_usable,
                                    gate_open=self._gate_open, on_state=self._on_vrrp_state)
+            self.ha.demoted = self.runtime.operator.demoted
+            if self.ha.demoted:
+                log.warning("this node is demoted (lbctl demote): it stays BACKUP while the "
+                            "peer advertises, until lbctl promote")
             await self.ha.start()
             self.collector.sources.append(self.ha.metrics)
         log.info("lbd node %s started: %d virtual servers, %d pools", cfg.node.name,
@@ -224,6 +246,10 @@ class Node:
             await self.sync.stop()
         if self._expiry is not None:
             self._expiry.cancel()
+        if self._ramp_timer is not None:
+            self._ramp_timer.cancel()
+        for task in list(self._tasks):
+            task.cancel()
         if self.monitor is not None:
             await self.monitor.stop()
         if self.dataplane is not None:
@@ -258,7 +284,9 @@ class Node:
         return pool is not None and bool(candidates(pool.servers))
 
     def _server_addresses(self) -> set[str]:
-        return {int_to_ip(s.addr) for s in self.services.servers()}
+        """Servers whose replies the kernel steers into the TUN: the pools' servers, and
+        removed ones whose sessions still drain."""
+        return {int_to_ip(s.addr) for s in (*self.services.servers(), *self.runtime.retired)}
 
     # ---- periodic work ----------------------------------------------------------------------
     def _schedule_expiry(self) -> None:
@@ -272,7 +300,21 @@ class Node:
         self.sessions.expire(now, keep=keep)
         self.persistence.expire(now, keep=keep)
         self.forwarder.expire_held(now)
+        if self.runtime.retired and self.runtime.retired_idle():
+            self._spawn(self._update_reply_rules())  # a removed server's last session ended
         self._schedule_expiry()
+
+    def _spawn(self, coro: Any) -> None:
+        assert self.loop is not None
+        task = self.loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _update_reply_rules(self) -> None:
+        async with self._reconfig:
+            if self.kernel is not None:
+                await self.kernel.set_reply_rules(self.config.dataplane.server_interface,
+                                                  self._server_addresses())
 
     # ---- roles ------------------------------------------------------------------------------
     def _on_vrrp_state(self, instance: str, state: State) -> None:
@@ -319,8 +361,7 @@ class Node:
 
     # ---- health -----------------------------------------------------------------------------
     def _start_health(self) -> None:
-        pools = {name: PoolChecks(self.config.pools[name].health_check,
-                                  self.config.pools[name].slow_start, pool.servers)
+        pools = {name: PoolChecks(self.config.pools[name].health_check, list(pool.servers))
                  for name, pool in self.services.pools.items()}
         if self.monitor is not None:  # a reload replaces it: keep its counts
             self.check_stats.carry(self.monitor)
@@ -328,28 +369,89 @@ class Node:
                                      on_result=self.check_stats.observe)
         self.monitor.start()
 
+    async def _restart_health(self) -> None:
+        """The pools' members changed (add-server, remove-server): a monitor for them."""
+        if self.monitor is not None:
+            await self.monitor.stop()
+        if self.loop is not None:
+            self._start_health()
+
     def _on_transition(self, server: RealServer, t: Transition) -> None:
         state = "UP" if t.up else "DOWN"
         log.warning("server %s of pool %s is %s: %s", server.key, server.pool, state, t.reason)
         key = (server.pool, server.key, state)
         self.check_stats.transitions[key] = self.check_stats.transitions.get(key, 0) + 1
         pool = self.services.pools.get(server.pool)
-        if pool is None:
+        if pool is None or not pool.holds(server):
             return
-        pool.refresh()
-        if self.ha is not None:
-            self.ha.pools_changed()
+        self._runtime_changed(self.runtime.set_health(server, t.up, time.monotonic()))
         if not t.up and pool.on_server_down == "reset":
-            now = time.monotonic()
-            doomed = list(self.sessions.sessions_for_server(server))
-            for s in doomed:
-                self.sessions.remove(s, "server_down", now)
-            if doomed:
-                log.info("reset %d sessions of %s", len(doomed), server.key)
+            n = self._reset_sessions(server, "server_down")
+            if n:
+                log.info("reset %d sessions of %s", n, server.key)
+
+    def _reset_sessions(self, server: RealServer, reason: str) -> int:
+        now = time.monotonic()
+        doomed = self.sessions.sessions_for_server(server)
+        for s in doomed:
+            self.sessions.remove(s, reason, now)
+        return len(doomed)
+
+    def _runtime_changed(self, refreshed: bool) -> None:
+        """After any input to the runtime owner: tracking sees a changed pool at once, and
+        the one ramp timer follows the owner's deadline."""
+        if refreshed and self.ha is not None:
+            self.ha.pools_changed()
+        self._arm_ramp()
+
+    def _arm_ramp(self) -> None:
+        if self._ramp_timer is not None:
+            self._ramp_timer.cancel()
+            self._ramp_timer = None
+        deadline = self.runtime.get_timer()
+        if deadline is not None and self.loop is not None:
+            delay = max(0.0, deadline - time.monotonic())
+            self._ramp_timer = self.loop.call_later(delay, self._ramp_step)
+
+    def _ramp_step(self) -> None:
+        self._ramp_timer = None
+        self._runtime_changed(self.runtime.handle_timer(time.monotonic()) > 0)
+
+    # ---- operator state ---------------------------------------------------------------------
+    async def _load_operator_state(self) -> None:
+        state_dir = self.config.node.state_dir
+        state, problem = await asyncio.to_thread(opstate.load, state_dir)
+        if problem is not None:
+            log.error("operator state not used, starting fresh: %s", problem)
+        elif state.records or state.demoted:
+            log.info("operator state loaded from %s: %d servers changed by an operator%s",
+                     Path(state_dir) / opstate.FILE_NAME, len(state.records),
+                     ", demoted" if state.demoted else "")
+        self.runtime.operator = state
+        notes = self.runtime.adopt(self.services, time.monotonic())
+        for note in notes:
+            log.warning("operator state: %s", note)
+        if notes or problem is not None:
+            await self._save_operator_state()
+
+    async def _save_operator_state(self) -> str | None:
+        """Write the operator state; None, or why it could not be written (logged)."""
+        data = self.runtime.operator
+        try:
+            await asyncio.to_thread(opstate.save, self.config.node.state_dir, data)
+        except OSError as exc:
+            log.error("operator state not saved in %s: %s", self.config.node.state_dir, exc)
+            return f"not saved: {exc}"
+        return None
 
     # ---- reload -----------------------------------------------------------------------------
     async def reload(self) -> list[str]:
-        """Re-read the config file; on any error keep running on the old one."""
+        """Re-read the config file; on any error keep running on the old one. Reloads and
+        operator changes run one at a time (two SIGHUPs leave one health monitor)."""
+        async with self._reconfig:
+            return await self._reload()
+
+    async def _reload(self) -> list[str]:
         try:
             new = load_config(self.config.source)
         except ConfigError as exc:
@@ -369,12 +471,18 @@ class Node:
             await self.monitor.stop()
         self.services = build_services(new, self.services)
         self.services.follow(self.roles.masters)
+        notes = self.runtime.adopt(self.services, time.monotonic())
+        for note in notes:
+            log.warning("operator state: %s", note)
         self.forwarder.set_services(self.services)
         self.config = new
-        assert self.kernel is not None
-        await self.kernel.set_reply_rules(new.dataplane.server_interface,
-                                          self._server_addresses())
-        if new.standalone:
+        if notes:
+            await self._save_operator_state()
+        self._arm_ramp()
+        if self.kernel is not None:
+            await self.kernel.set_reply_rules(new.dataplane.server_interface,
+                                              self._server_addresses())
+        if new.standalone and self.owner is not None:
             await self.hold_vips()
         self._start_health()
         self.reloads += 1
@@ -385,13 +493,20 @@ class Node:
     def control_handlers(self) -> dict[str, Callable[[list[str]], Any]]:
         return {
             "status": lambda args: self.status(),
-            "sessions": lambda args: self.session_list(),
+            "sessions": self.session_list,
+            "persistence": self.persistence_list,
             "servers": lambda args: self.server_list(),
             "vrrp": lambda args: self.vrrp_status(),
             "sync": lambda args: self.sync_status(),
             "drain": lambda args: self.set_admin(args, AdminState.DRAIN),
             "enable": lambda args: self.set_admin(args, AdminState.ENABLED),
             "disable": lambda args: self.set_admin(args, AdminState.DISABLED),
+            "weight": self.set_weight,
+            "add-server": self.add_server,
+            "remove-server": self.remove_server,
+            "kill-sessions": self.kill_sessions,
+            "demote": lambda args: self.demote(args, True),
+            "promote": lambda args: self.demote(args, False),
             "reload": self._reload_command,
         }
 
@@ -409,6 +524,7 @@ class Node:
             "sessions": len(self.sessions),
             "persistence": len(self.persistence),
             "masters": sorted(self.roles.mastered),
+            "demoted": self.runtime.operator.demoted,
             "sync": self.sync_status(),
             "virtual_servers": {s.name: {"address": endpoint(s.vaddr, s.vport),
                                          "protocol": PROTO_NAMES[s.proto],
@@ -419,17 +535,39 @@ class Node:
                                 for s in self.services.services},
         }
 
-    def session_list(self) -> list[dict[str, Any]]:
-        out = []
-        for s in self.sessions:
-            out.append({
-                "protocol": PROTO_NAMES.get(s.proto, str(s.proto)),
-                "client": endpoint(s.caddr, s.cport),
-                "virtual": endpoint(s.vaddr, s.vport),
-                "server": endpoint(s.raddr, s.rport),
-                "state": TcpState(s.state).name if s.proto == 6 else "UDP",
-            })
-        return out
+    _LIST_OPTIONS: dict[str, type[int] | type[str] | None] = {
+        "--virtual": str, "--server": str, "--client": str, "--limit": int}
+
+    def _listing_args(self, args: list[str], *, state: bool) -> tuple[Filter, int | None]:
+        options = dict(self._LIST_OPTIONS)
+        if state:
+            options["--state"] = str
+        _, opts = parse_args(args, [], options)
+        try:
+            flt = Filter.parse(opts)
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
+        if flt.virtual is not None and all(v.name != flt.virtual
+                                           for v in self.services.services):
+            raise CommandError(f"no virtual server {flt.virtual!r}")
+        limit = opts.get("limit")
+        if limit is not None and limit < 0:
+            raise CommandError("--limit must be >= 0")
+        return flt, limit
+
+    def session_list(self, args: list[str]) -> Stream:
+        """The session table (filtered, limited), built in chunks (lb.listing)."""
+        flt, limit = self._listing_args(args, state=True)
+        table, now = self.sessions, time.monotonic()
+        return Stream(chunks(table, session_filter(flt),
+                             lambda s: render_session(s, table.deadline(s), now), limit))
+
+    def persistence_list(self, args: list[str]) -> Stream:
+        """The persistence bindings (filtered, limited), built in chunks."""
+        flt, limit = self._listing_args(args, state=False)
+        now = time.monotonic()
+        return Stream(chunks(self.persistence, binding_filter(flt),
+                             lambda b: render_binding(b, now), limit))
 
     def server_list(self) -> list[dict[str, Any]]:
         out = []
@@ -460,24 +598,115 @@ class Node:
     def _gate_open(self) -> bool:
         return self.sync is None or self.sync.gate_open
 
-    def set_admin(self, args: list[str], state: AdminState) -> dict[str, Any]:
-        if len(args) != 2:
-            raise CommandError("usage: POOL ADDR:PORT")
-        pool_name, target = args
-        pool = self.services.pools.get(pool_name)
-        if pool is None:
-            raise CommandError(f"no pool {pool_name!r}")
-        host, _, port = target.rpartition(":")
+    # ---- operator changes (one at a time, with reloads; each saved before it answers) -----
+    def _server(self, pool: str, target: str) -> RealServer:
         try:
-            server = pool.find(ip_to_int(host), int(port))
+            return self.runtime.server(pool, target)
+        except Refused as exc:
+            raise CommandError(str(exc)) from None
+
+    async def _saved(self, answer: dict[str, Any]) -> dict[str, Any]:
+        problem = await self._save_operator_state()
+        answer["saved"] = problem is None
+        if problem is not None:
+            answer["save_error"] = problem
+        return answer
+
+    async def set_admin(self, args: list[str], state: AdminState) -> dict[str, Any]:
+        (pool_name, target), _ = parse_args(args, ["POOL", "ADDR:PORT"])
+        async with self._reconfig:
+            server = self._server(pool_name, target)
+            self._runtime_changed(self.runtime.set_admin(server, state))
+            log.info("server %s of pool %s set %s by operator", server.key, pool_name,
+                     state.value)
+            return await self._saved({"pool": pool_name, "server": server.key,
+                                      "admin": state.value})
+
+    async def set_weight(self, args: list[str]) -> dict[str, Any]:
+        (pool_name, target, text), _ = parse_args(args, ["POOL", "ADDR:PORT", "WEIGHT"])
+        try:
+            weight = int(text)
         except ValueError:
-            server = None
-        if server is None:
-            raise CommandError(f"pool {pool_name!r} has no server {target!r}")
-        server.admin = state
-        pool.refresh()
-        log.info("server %s of pool %s set %s by operator", target, pool_name, state.value)
-        return {"pool": pool_name, "server": target, "admin": state.value}
+            raise CommandError(f"weight {text!r} is not an integer") from None
+        async with self._reconfig:
+            server = self._server(pool_name, target)
+            old = server.weight
+            try:
+                refreshed = self.runtime.set_weight(server, weight, time.monotonic())
+            except Refused as exc:
+                raise CommandError(str(exc)) from None
+            self._runtime_changed(refreshed)
+            log.info("server %s of pool %s: weight %d -> %d by operator", server.key,
+                     pool_name, old, weight)
+            return await self._saved({"pool": pool_name, "server": server.key,
+                                      "weight": weight, "previous_weight": old,
+                                      "effective_weight": server.effective_weight})
+
+    async def add_server(self, args: list[str]) -> dict[str, Any]:
+        (pool_name, target), opts = parse_args(args, ["POOL", "ADDR:PORT"],
+                                               {"--weight": int, "--backup": None})
+        async with self._reconfig:
+            try:
+                server = self.runtime.add_server(pool_name, target, opts.get("weight"),
+                                                 opts.get("backup"), time.monotonic())
+            except Refused as exc:
+                raise CommandError(str(exc)) from None
+            self._runtime_changed(True)
+            if self.kernel is not None:
+                await self.kernel.set_reply_rules(self.config.dataplane.server_interface,
+                                                  self._server_addresses())
+            await self._restart_health()
+            log.info("server %s added to pool %s by operator (weight %d%s%s)", server.key,
+                     pool_name, server.weight, ", backup" if server.backup else "",
+                     "" if server.up else ", down until its health check passes")
+            return await self._saved({"pool": pool_name, "server": server.key,
+                                      "weight": server.weight, "backup": server.backup,
+                                      "up": server.up})
+
+    async def remove_server(self, args: list[str]) -> dict[str, Any]:
+        (pool_name, target), _ = parse_args(args, ["POOL", "ADDR:PORT"])
+        async with self._reconfig:
+            server = self._server(pool_name, target)
+            pool = self.runtime.pool(pool_name)
+            reset = pool.on_server_down == "reset"
+            n = self._reset_sessions(server, "server_removed") if reset else 0
+            self.runtime.remove_server(server)
+            self._runtime_changed(True)
+            await self._restart_health()
+            if self.kernel is not None and not self.runtime.retired.count(server):
+                await self.kernel.set_reply_rules(self.config.dataplane.server_interface,
+                                                  self._server_addresses())
+            log.info("server %s removed from pool %s by operator: %s", server.key, pool_name,
+                     f"{n} sessions reset" if reset else
+                     f"{server.active} sessions drain")
+            return await self._saved({"pool": pool_name, "server": server.key,
+                                      "sessions_reset": n, "sessions_draining": server.active})
+
+    async def kill_sessions(self, args: list[str]) -> dict[str, Any]:
+        (pool_name, target), _ = parse_args(args, ["POOL", "ADDR:PORT"])
+        async with self._reconfig:
+            server = self._server(pool_name, target)
+            n = self._reset_sessions(server, "killed")
+            log.info("killed %d sessions of server %s of pool %s by operator", n, server.key,
+                     pool_name)
+            return {"pool": pool_name, "server": server.key, "sessions_killed": n}
+
+    async def demote(self, args: list[str], demoted: bool) -> dict[str, Any]:
+        parse_args(args, [])
+        if self.config.standalone:
+            raise CommandError("a standalone node (no [vrrp] instances) has no peer to "
+                               "give its addresses to")
+        async with self._reconfig:
+            self.runtime.operator.demoted = demoted
+            stepped: list[str] = []
+            if self.ha is not None:
+                stepped = await self.ha.demote(demoted)
+            if demoted:
+                log.warning("demoted by operator: instances %s step down; BACKUP until "
+                            "lbctl promote", ", ".join(stepped) or "(none mastered)")
+            else:
+                log.warning("promoted by operator: configured priorities are back")
+            return await self._saved({"demoted": demoted, "stepped_down": stepped})
 
     def _extra_counters(self) -> dict[str, int]:
         dp = self.dataplane

@@ -1,9 +1,14 @@
 """Runtime state of real servers: what schedulers choose from and sessions count against.
 
-A ``RealServer`` is created from config for each server of a pool and shared by every virtual
-server that uses that pool. Its fields are plain attributes so that the data plane can read and
-bump them without indirection; everything that decides *whether* a server may take a new
-session lives in :meth:`RealServer.accepts_new`.
+A ``RealServer`` is created from config for each server of a pool (or added at run time) and
+shared by every virtual server that uses that pool. Its fields are plain attributes so that the
+data plane can read and bump them without indirection; everything that decides *whether* a
+server may take a new session lives in :meth:`RealServer.accepts_new`.
+
+Who writes what: the pool builder (:mod:`lb.services`) writes what comes from config
+(``config_weight``, ``backup``, ``max_conns``, ``index``); the session table counts ``active``;
+the runtime state — ``up``, ``admin``, ``weight`` and ``effective_weight`` — is written by its
+one owner, :class:`lb.runtime.ServerRuntime`, which refreshes the schedulers that depend on it.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ class RealServer:
     pool: str
     addr: int  # IPv4 as int
     port: int
-    weight: int  # configured weight; 0 = takes no new sessions
+    weight: int  # weight in force: the configured one, or the one an operator set; 0 = no new
     backup: bool = False
     max_conns: int = 0  # 0 = unlimited
     # --- runtime state ---
@@ -39,10 +44,13 @@ class RealServer:
     active: int = 0  # sessions currently in the table that point at this server
     created_total: int = 0  # sessions ever created towards this server
     index: int = field(default=0)  # position in its pool, stable for the life of the config
+    config_weight: int = -1  # the weight the config (or add-server) gave; -1 = same as weight
 
     def __post_init__(self) -> None:
         if self.effective_weight < 0:
             self.effective_weight = self.weight
+        if self.config_weight < 0:
+            self.config_weight = self.weight
 
     @property
     def key(self) -> str:

@@ -2,8 +2,9 @@
 
 A :class:`Pool` owns its :class:`~lb.servers.RealServer` objects; a :class:`Service` (one
 virtual server) points at a pool and owns a scheduler over that pool's candidates. When a
-server's health, operator state or weight changes, :meth:`Pool.refresh` re-feeds the
-schedulers of every service that uses the pool.
+server's health, operator state or weight changes, its one owner
+(:class:`lb.runtime.ServerRuntime`) calls :meth:`Pool.refresh`, which re-feeds the schedulers
+of every service that uses the pool. The builders here write only what comes from config.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ class Pool:
     name: str
     servers: list[RealServer]
     on_server_down: str = "keep"  # keep | reset
+    slow_start: float = 0.0  # seconds over which a returning server's weight ramps up
+    checked: bool = False  # has a health check (a server added at run time must rise first)
     services: list[Service] = field(default_factory=list)
     has_primary: bool = True  # a primary server is usable (backups then take no clients)
 
@@ -83,23 +86,24 @@ def netmask(bits: int) -> int:
 
 def build_pool(cfg: PoolConfig, previous: Pool | None = None) -> Pool:
     """A runtime pool; servers that existed in ``previous`` keep their object (and with it
-    their health, operator state and session counts) across a reload."""
+    their health, operator state, weight in force and session counts) across a reload: only
+    what comes from config is written here; :meth:`lb.runtime.ServerRuntime.adopt` then
+    decides the weights in force."""
     servers: list[RealServer] = []
     for i, sc in enumerate(cfg.servers):
         addr = ip_to_int(sc.address)
         old = previous.find(addr, sc.port) if previous else None
         if old is not None:
-            old.weight = sc.weight
+            old.config_weight = sc.weight
             old.backup = sc.backup
             old.max_conns = sc.max_conns
             old.index = i
-            if old.effective_weight > sc.weight or old.up:
-                old.effective_weight = sc.weight
             servers.append(old)
         else:
             servers.append(RealServer(pool=cfg.name, addr=addr, port=sc.port, weight=sc.weight,
                                       backup=sc.backup, max_conns=sc.max_conns, index=i))
-    return Pool(name=cfg.name, servers=servers, on_server_down=cfg.on_server_down)
+    return Pool(name=cfg.name, servers=servers, on_server_down=cfg.on_server_down,
+                slow_start=cfg.slow_start, checked=cfg.health_check is not None)
 
 
 def build_service(cfg: VirtualServerConfig, pool: Pool, previous: Service | None,

@@ -7,13 +7,15 @@ also bounded in time (its own ``spec.timeout`` and a guard on top), so a hanging
 server never delays another's.
 
 Each result feeds that server's :class:`~lb.health.state.HealthState`. On a transition the
-monitor sets ``server.up``, manages slow start (``server.effective_weight`` ramps from 1 to
-``server.weight`` over the pool's ``slow_start`` seconds after a rise, and is back at the base
-weight after a fall, ready for the next rise) and then calls ``on_transition`` once — the
-daemon logs it with the reason, counts it and reschedules.
+monitor calls ``on_transition`` once, and that is all it does: it writes nothing on the
+server. The daemon hands the transition to the one owner of a server's runtime state
+(:class:`lb.runtime.ServerRuntime`: ``up``, the slow-start ramp, the schedulers), logs it with
+the reason and counts it. A server's checks start from the ``up`` it has when the monitor
+starts.
 
-Input is a mapping ``pool name -> PoolChecks(spec, slow_start, servers)``; a pool whose spec
-is ``None`` has no health check and its servers stay UP.
+Input is a mapping ``pool name -> PoolChecks(spec, servers)``; a pool whose spec is ``None``
+has no health check: a server of it that is not UP gets one "no health check" transition to
+UP at start.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import NamedTuple
 
 from lb.addr import int_to_ip
 from lb.health.probes import HealthCheckSpec, ProbeFn, ProbeResult, make_probe, reason_kind
-from lb.health.state import HealthState, SlowStart, Transition
+from lb.health.state import HealthState, Transition
 from lb.servers import RealServer
 
 __all__ = ["GUARD_SECONDS", "HealthMonitor", "LastResult", "PoolChecks", "ProbeFactory"]
@@ -46,7 +48,6 @@ class PoolChecks(NamedTuple):
     """What the monitor needs of one pool."""
 
     spec: HealthCheckSpec | None  # None: no health check, servers always up
-    slow_start: float  # seconds; 0 = off
     servers: Sequence[RealServer]
 
 
@@ -66,11 +67,9 @@ class _Checked:
     server: RealServer
     spec: HealthCheckSpec
     probe: ProbeFn
-    slow_start: float
     state: HealthState
     addr: str
     port: int
-    ramp: asyncio.Task[None] | None = None
 
 
 class HealthMonitor:
@@ -133,7 +132,7 @@ class HealthMonitor:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        """Create one probe task per checked server; set servers of unchecked pools UP."""
+        """Create one probe task per checked server; report servers of unchecked pools UP."""
         if self._tasks:
             raise RuntimeError("health monitor already started")
         semaphore = asyncio.Semaphore(self._max_in_flight)
@@ -143,8 +142,6 @@ class HealthMonitor:
             if spec is None:
                 for server in checks.servers:
                     if not server.up:
-                        server.up = True
-                        server.effective_weight = server.weight
                         self._notify(server, Transition(True, "no health check", now))
                 continue
             probe = self._factory(spec, pool)
@@ -154,7 +151,6 @@ class HealthMonitor:
                     server=server,
                     spec=spec,
                     probe=probe,
-                    slow_start=checks.slow_start,
                     state=HealthState(spec.rise, spec.fall, initial_up=server.up, now=now),
                     addr=int_to_ip(server.addr),
                     port=spec.port if spec.port is not None else server.port,
@@ -164,12 +160,9 @@ class HealthMonitor:
                 self._tasks.append(asyncio.create_task(self._run(chk, semaphore), name=name))
 
     async def stop(self) -> None:
-        """Cancel every task (probes and ramps) and wait until all are gone."""
+        """Cancel every probe task and wait until all are gone."""
         tasks = list(self._tasks)
-        tasks += [c.ramp for c in self._checked.values() if c.ramp is not None]
         self._tasks.clear()
-        for chk in self._checked.values():
-            chk.ramp = None
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -213,36 +206,8 @@ class HealthMonitor:
             except Exception:
                 log.exception("on_result hook failed for %s %s", chk.pool, server.key)
         transition = chk.state.record(result.ok, result.reason, now)
-        if transition is None:
-            return
-        server.up = transition.up
-        if chk.ramp is not None:
-            chk.ramp.cancel()
-            chk.ramp = None
-        if transition.up and chk.slow_start > 0 and server.weight > 0:
-            server.effective_weight = SlowStart.weight_at(
-                server.weight, transition.at, now, chk.slow_start
-            )
-            if server.effective_weight < server.weight:
-                chk.ramp = asyncio.create_task(
-                    self._ramp(chk, transition.at), name=f"slow start {chk.pool} {server.key}"
-                )
-        else:
-            server.effective_weight = server.weight
-        self._notify(server, transition)
-
-    async def _ramp(self, chk: _Checked, up_since: float) -> None:
-        server = chk.server
-        tick = max(0.05, min(1.0, chk.slow_start / 20))
-        while True:
-            await asyncio.sleep(tick)
-            now = self._clock()
-            server.effective_weight = SlowStart.weight_at(
-                server.weight, up_since, now, chk.slow_start
-            )
-            if not SlowStart.ramping(up_since, now, chk.slow_start):
-                chk.ramp = None
-                return
+        if transition is not None:
+            self._notify(server, transition)
 
     def _notify(self, server: RealServer, transition: Transition) -> None:
         try:

@@ -26,12 +26,12 @@ from lb.control import MAX_REQUEST, CommandError, ControlServer, Handler, reques
 
 SERVERS = [
     {"pool": "web", "server": "198.18.0.11:8080", "up": True, "state": "UP",
-     "active_sessions": 3, "reason": "http 200"},
+     "admin": "enabled", "weight": 2, "active_sessions": 3, "reason": "http 200"},
     {"pool": "web", "server": "198.18.0.12:8080", "up": False, "state": "DOWN",
-     "active_sessions": 0, "reason": "connection refused"},
+     "admin": "enabled", "weight": 1, "active_sessions": 0, "reason": "connection refused"},
 ]
 SESSIONS = [{"protocol": "tcp", "client": "198.51.100.77:40000", "virtual": "198.51.100.10:80",
-             "server": "198.18.0.11:8080", "state": "ESTABLISHED"}]
+             "server": "198.18.0.11:8080", "state": "ESTABLISHED", "expires_in": 899.5}]
 VRRP = {"front": {"state": "MASTER", "priority": 200, "vrid": 51}}
 STATUS = {"node": "lb-a", "vrrp": {"front": {"state": "MASTER"}}, "sessions": 1,
           "sync": {"connected": False}}
@@ -246,9 +246,12 @@ def test_lbctl_table(served: ServerThread, capsys: pytest.CaptureFixture[str]) -
     rc, out, _ = lbctl(capsys, "--socket", str(served.path), "servers")
     assert rc == 0
     header, first, second = out.splitlines()
-    assert header.split() == ["POOL", "SERVER", "UP", "STATE", "ACTIVE_SESSIONS", "REASON"]
-    assert first.split() == ["web", "198.18.0.11:8080", "True", "UP", "3", "http", "200"]
-    assert second.split()[:5] == ["web", "198.18.0.12:8080", "False", "DOWN", "0"]
+    assert header.split() == ["POOL", "SERVER", "UP", "STATE", "ADMIN", "WEIGHT",
+                              "ACTIVE_SESSIONS", "REASON"]
+    assert first.split() == ["web", "198.18.0.11:8080", "True", "UP", "enabled", "2", "3",
+                             "http", "200"]
+    assert second.split()[:7] == ["web", "198.18.0.12:8080", "False", "DOWN", "enabled", "1",
+                                  "0"]
     # columns line up: every value starts where its header does
     assert first.index("198.18.0.11") == header.index("SERVER")
     assert second.index("DOWN") == header.index("STATE")
@@ -275,15 +278,26 @@ def test_lbctl_error_answer_exits_1(served: ServerThread,
     assert err == "lbctl: no pool 'nope'\n"
 
 
-def test_lbctl_missing_socket_exits_2(tmp_path: Path,
+def test_lbctl_missing_socket_exits_3(tmp_path: Path,
                                       capsys: pytest.CaptureFixture[str]) -> None:
     path = str(tmp_path / "absent.sock")
     rc, out, err = lbctl(capsys, "--socket", path, "status")
-    assert (rc, out) == (2, "")
-    assert err.startswith(f"lbctl: cannot reach lbd at {path}")
+    assert (rc, out) == (3, "")
+    assert err.startswith(f"lbctl: lbd is not running (nothing listens on {path}")
 
 
-def test_lbctl_server_closing_without_answer_exits_2(
+def test_lbctl_socket_nobody_listens_on_exits_3(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """A killed lbd leaves its socket file behind: connecting is refused."""
+    path = tmp_path / "stale.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.bind(str(path))  # bound, never listening: what a dead daemon leaves
+    rc, out, err = lbctl(capsys, "--socket", str(path), "servers")
+    assert (rc, out) == (3, "")
+    assert "lbd is not running" in err
+
+
+def test_lbctl_server_closing_without_answer_exits_3(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A peer that is not lbd (or an lbd that dies mid-request) gives a message, not a
     traceback."""
@@ -301,7 +315,7 @@ def test_lbctl_server_closing_without_answer_exits_2(
         t.start()
         rc, out, err = lbctl(capsys, "--socket", path, "status")
         t.join(10)
-    assert (rc, out) == (2, "")
+    assert (rc, out) == (3, "")
     assert err.startswith(f"lbctl: cannot reach lbd at {path}")
 
 
@@ -320,8 +334,10 @@ def test_lbctl_unknown_command_is_a_usage_error(capsys: pytest.CaptureFixture[st
     [
         ("sessions", [], ["(none)"]),
         ("sessions", SESSIONS, [
-            "PROTOCOL  CLIENT               VIRTUAL           SERVER            STATE",
-            "tcp       198.51.100.77:40000  198.51.100.10:80  198.18.0.11:8080  ESTABLISHED",
+            "PROTOCOL  CLIENT               VIRTUAL           SERVER            STATE        "
+            "EXPIRES_IN",
+            "tcp       198.51.100.77:40000  198.51.100.10:80  198.18.0.11:8080  ESTABLISHED  "
+            "899.5",
         ]),
         ("vrrp", VRRP, ["INSTANCE  STATE   PRIORITY  VRID", "front     MASTER  200       51"]),
         ("status", STATUS, ["node: lb-a", 'vrrp: {"front": {"state": "MASTER"}}', "sessions: 1",
@@ -331,3 +347,68 @@ def test_lbctl_unknown_command_is_a_usage_error(capsys: pytest.CaptureFixture[st
 )
 def test_render(command: str, result: Any, lines: list[str]) -> None:
     assert [ln.rstrip() for ln in ctl.render(command, result).splitlines()] == lines
+
+
+# --- lbctl: the runtime commands -----------------------------------------------------------------
+
+
+def test_lbctl_every_command_has_its_own_help(capsys: pytest.CaptureFixture[str]) -> None:
+    for command in ctl.COMMANDS:
+        with pytest.raises(SystemExit) as exc:
+            ctl.main([command, "--help"])
+        assert exc.value.code == 0
+        assert f"lbctl {command}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [
+    ["weight", "web", "198.18.0.11:8080"],  # no weight
+    ["weight", "web", "198.18.0.11:8080", "heavy"],
+    ["weight", "web", "198.18.0.11:8080", "-1"],
+    ["add-server", "web"],
+    ["sessions", "--limit", "x"],
+    ["demote", "extra"],
+    [],
+])
+def test_lbctl_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        ctl.main(["--socket", "/nonexistent", *argv])
+    assert exc.value.code == 2
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize(("argv", "sent"), [
+    (["weight", "web", "198.18.0.11:8080", "3"], ["weight", "web", "198.18.0.11:8080", "3"]),
+    (["add-server", "web", "198.18.0.14:8080", "--weight", "2", "--backup"],
+     ["add-server", "web", "198.18.0.14:8080", "--weight", "2", "--backup"]),
+    (["add-server", "web", "198.18.0.14:8080"], ["add-server", "web", "198.18.0.14:8080"]),
+    (["sessions", "--virtual", "web", "--client", "198.51.100.7", "--limit", "5"],
+     ["sessions", "--virtual", "web", "--client", "198.51.100.7", "--limit", "5"]),
+    (["persistence", "--server", "198.18.0.11:8080"],
+     ["persistence", "--server", "198.18.0.11:8080"]),
+    (["demote"], ["demote"]),
+    (["kill-sessions", "web", "198.18.0.11:8080", "--json"],
+     ["kill-sessions", "web", "198.18.0.11:8080"]),
+])
+def test_lbctl_sends_the_command_and_its_args(sock_path: Path, argv: list[str],
+                                              sent: list[str],
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    seen: list[list[str]] = []
+
+    def record(command: str) -> Handler:
+        def handler(args: list[str]) -> Any:
+            seen.append([command, *args])
+            return [] if command in ("sessions", "persistence") else {"done": True}
+
+        return handler
+
+    with ServerThread(sock_path, {c: record(c) for c in ctl.COMMANDS}):
+        rc, _, _ = lbctl(capsys, "--socket", str(sock_path), *argv)
+    assert rc == 0 and seen == [sent]
+
+
+def test_lbctl_warns_when_a_change_was_not_saved(sock_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    answer = {"pool": "web", "saved": False, "save_error": "not saved: read-only"}
+    with ServerThread(sock_path, {"drain": lambda args: answer}):
+        rc, _, err = lbctl(capsys, "--socket", str(sock_path), "drain", "web", "1.2.3.4:80")
+    assert rc == 0 and "warning: done, but not saved: read-only" in err

@@ -695,10 +695,16 @@ FAST = Spec(interval=0.002, timeout=30.0, rise=2, fall=3)
 
 @dataclass
 class Recorder:
+    """Stands for the daemon: records each transition and applies it to the server, as the
+    runtime-state owner (lb.runtime) does; ``apply=False`` only records."""
+
     transitions: list[tuple[str, bool, str]]
+    apply: bool = True
 
     def __call__(self, srv: RealServer, transition: Transition) -> None:
         self.transitions.append((srv.key, transition.up, transition.reason))
+        if self.apply:
+            srv.up = transition.up
 
 
 def no_other_tasks() -> bool:
@@ -712,7 +718,7 @@ def test_monitor_fall_then_rise_once_each() -> None:
 
     async def main() -> None:
         monitor = HealthMonitor(
-            {"web": PoolChecks(FAST, 0.0, [a])}, rec, probe_factory=probes.factory
+            {"web": PoolChecks(FAST, [a])}, rec, probe_factory=probes.factory
         )
         monitor.start()
         await until(lambda: probes.calls["198.18.0.11"] >= 20, "20 probes")
@@ -741,7 +747,7 @@ def test_monitor_initial_down_server_must_rise() -> None:
 
     async def main() -> None:
         monitor = HealthMonitor(
-            {"web": PoolChecks(FAST, 0.0, [a])}, rec, probe_factory=probes.factory
+            {"web": PoolChecks(FAST, [a])}, rec, probe_factory=probes.factory
         )
         monitor.start()
         await until(lambda: a.up, "the server to rise")
@@ -761,7 +767,7 @@ def test_monitor_hanging_probe_does_not_delay_another_server() -> None:
 
     async def main() -> None:
         monitor = HealthMonitor(
-            {"web": PoolChecks(FAST, 0.0, [hung, other])}, rec, probe_factory=probes.factory
+            {"web": PoolChecks(FAST, [hung, other])}, rec, probe_factory=probes.factory
         )
         monitor.start()
         await until(lambda: not other.up, "the other server to fall")
@@ -783,7 +789,7 @@ def test_monitor_guard_times_out_a_probe_that_ignores_its_timeout() -> None:
 
     async def main() -> None:
         monitor = HealthMonitor(
-            {"web": PoolChecks(spec, 0.0, [a])}, rec, probe_factory=probes.factory
+            {"web": PoolChecks(spec, [a])}, rec, probe_factory=probes.factory
         )
         monitor.start()
         await until(lambda: not a.up, "the guard to fail the hung probe")
@@ -800,7 +806,7 @@ def test_monitor_probe_exception_is_a_failed_check() -> None:
 
     async def main() -> None:
         monitor = HealthMonitor(
-            {"web": PoolChecks(replace(FAST, fall=1), 0.0, [a])},
+            {"web": PoolChecks(replace(FAST, fall=1), [a])},
             rec,
             probe_factory=probes.factory,
         )
@@ -819,7 +825,7 @@ def test_monitor_probes_the_spec_port_and_reports_results() -> None:
 
     async def main() -> None:
         monitor = HealthMonitor(
-            {"web": PoolChecks(replace(FAST, port=9000), 0.0, [a])},
+            {"web": PoolChecks(replace(FAST, port=9000), [a])},
             Recorder([]),
             probe_factory=probes.factory,
             on_result=lambda srv, res: seen.append((srv.key, res.ok)),
@@ -839,7 +845,7 @@ def test_monitor_unchecked_pool_servers_stay_up() -> None:
     rec = Recorder([])
 
     async def main() -> None:
-        monitor = HealthMonitor({"dns": PoolChecks(None, 0.0, [a, b])}, rec)
+        monitor = HealthMonitor({"dns": PoolChecks(None, [a, b])}, rec)
         monitor.start()
         assert list(monitor.checked()) == []
         await monitor.stop()
@@ -849,57 +855,24 @@ def test_monitor_unchecked_pool_servers_stay_up() -> None:
     assert rec.transitions == [("198.18.0.21:80", True, "no health check")]
 
 
-def test_monitor_slow_start_ramps_after_a_rise_and_resets_on_fall() -> None:
-    a = server("web", "198.18.0.11", weight=10, up=False)
-    probes = FakeProbes({"198.18.0.11": "+"})
-    now = [100.0]
-    rec = Recorder([])
+def test_monitor_writes_nothing_on_the_server() -> None:
+    """Health is the runtime owner's to apply: the monitor only reports transitions."""
+    a = server("web", "198.18.0.11", weight=10)
+    probes = FakeProbes({"198.18.0.11": "-"})
+    rec = Recorder([], apply=False)
 
     async def main() -> None:
         monitor = HealthMonitor(
-            {"web": PoolChecks(replace(FAST, rise=1, fall=1), 1.0, [a])},
-            rec,
-            probe_factory=probes.factory,
-            clock=lambda: now[0],
+            {"web": PoolChecks(replace(FAST, fall=1), [a])}, rec, probe_factory=probes.factory
         )
         monitor.start()
-        await until(lambda: a.up, "the rise")
-        assert a.effective_weight == 1
-        now[0] = 100.5
-        await until(lambda: a.effective_weight == 5, "half weight")
-        now[0] = 101.1
-        await until(lambda: a.effective_weight == 10, "full weight")
-        probes.scripts["198.18.0.11"] = "-"
-        await until(lambda: not a.up, "the fall")
-        assert a.effective_weight == 10  # back at base, ready for the next rise
+        await until(lambda: probes.calls["198.18.0.11"] >= 5, "5 probes")
         await monitor.stop()
         assert no_other_tasks()
 
     run(main())
-    assert [(up, reason) for _, up, reason in rec.transitions] == [
-        (True, "ok"),
-        (False, "connection refused"),
-    ]
-
-
-def test_monitor_stop_during_slow_start_leaves_no_tasks() -> None:
-    a = server("web", "198.18.0.11", up=False)
-    probes = FakeProbes({"198.18.0.11": "+"})
-
-    async def main() -> None:
-        monitor = HealthMonitor(
-            {"web": PoolChecks(replace(FAST, rise=1), 3600.0, [a])},
-            Recorder([]),
-            probe_factory=probes.factory,
-        )
-        monitor.start()
-        await until(lambda: a.up, "the rise")
-        assert a.effective_weight < a.weight
-        await monitor.stop()
-        assert not monitor.running
-        assert no_other_tasks()
-
-    run(main())
+    assert rec.transitions == [("198.18.0.11:80", False, "connection refused")]
+    assert (a.up, a.weight, a.effective_weight) == (True, 10, 10)
 
 
 def test_monitor_with_real_tcp_probe_falls_on_refused_port() -> None:
@@ -909,7 +882,7 @@ def test_monitor_with_real_tcp_probe_falls_on_refused_port() -> None:
 
     async def main() -> None:
         spec = Spec(interval=0.01, timeout=1.0, rise=1, fall=2)
-        monitor = HealthMonitor({"web": PoolChecks(spec, 0.0, [a])}, rec)
+        monitor = HealthMonitor({"web": PoolChecks(spec, [a])}, rec)
         monitor.start()
         await until(lambda: not a.up, "the fall")
         await monitor.stop()
