@@ -56,6 +56,10 @@ ICMP_ERROR_TYPES = frozenset((3, 11, 12))
 
 _ZERO_VNET = bytes(VNET_HDR_LEN)
 
+DROP_REASONS = ("no_session", "no_service", "no_server", "table_full", "flow_conflict",
+                "icmp_bad", "icmp_unsupported", "icmp_no_session", "reply_hold_timeout")
+"""Every reason :meth:`Forwarder.drop` is called with (the metrics show each from 0)."""
+
 
 class SessionEvents(Protocol):
     def session_added(self, s: Session[Service]) -> None: ...

@@ -20,7 +20,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from lb.forwarder import Forwarder
+from lb.forwarder import DROP_REASONS, Forwarder
+from lb.servers import AdminState
 from lb.services import ServiceSet
 from lb.version import VERSION
 
@@ -68,14 +69,25 @@ def dataplane_metrics(fwd: Forwarder, services: Callable[[], ServiceSet],
                                           labels=["pool", "server"])
         server_up = GaugeMetricFamily("lbd_server_up", "1 when the real server is healthy",
                                       labels=["pool", "server"])
+        weight = GaugeMetricFamily("lbd_server_weight",
+                                   "Weight in force (the configured or set one, ramped by slow "
+                                   "start)", labels=["pool", "server"])
+        admin = GaugeMetricFamily("lbd_server_admin_state",
+                                  "1 for the operator state the server is in",
+                                  labels=["pool", "server", "state"])
         for srv in svcset.servers():
             labels = [srv.pool, srv.key]
             per_server.add_metric(labels, srv.created_total)
             server_active.add_metric(labels, srv.active)
             server_up.add_metric(labels, 1 if srv.up else 0)
+            weight.add_metric(labels, srv.effective_weight)
+            for state in AdminState:
+                admin.add_metric([*labels, state.value], 1 if srv.admin is state else 0)
         yield per_server
         yield server_active
         yield server_up
+        yield weight
+        yield admin
         packets = CounterMetricFamily("lbd_packets_forwarded",
                                       "Packets forwarded (a GSO super-packet counts once)",
                                       labels=["direction"])
@@ -89,8 +101,8 @@ def dataplane_metrics(fwd: Forwarder, services: Callable[[], ServiceSet],
         yield octets
         drops = CounterMetricFamily("lbd_drops", "Packets dropped, by reason",
                                     labels=["reason"])
-        for reason, n in sorted(fwd.drops.items()):
-            drops.add_metric([reason], n)
+        for reason in sorted({*DROP_REASONS, *fwd.drops}):
+            drops.add_metric([reason], fwd.drops.get(reason, 0))
         drops.add_metric(["exception"], fwd.errors)
         yield drops
         yield CounterMetricFamily("lbd_resets_sent", "TCP resets sent by lbd",

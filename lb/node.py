@@ -10,12 +10,17 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 
 from ha.controller import HaController
 from ha.ownership import AddressOwner
@@ -156,6 +161,8 @@ class Node:
         self.registry = CollectorRegistry(auto_describe=False)
         self.collector = SourceCollector()
         self.registry.register(self.collector)
+        # CPU, RSS, open fds: the data plane's CPU is the capacity signal.
+        ProcessCollector(namespace="lbd", registry=self.registry)
         self.sync: SyncService | None = None
         self.replicator: Replicator | None = None
         self.owner: AddressOwner | None = None
@@ -164,6 +171,8 @@ class Node:
         self._stopping = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.reloads = 0
+        self.last_reload_ok = True  # the config in force was read at start: a success
+        self.last_reload_success = time.time()
         self.reload_failures = 0
 
     # ---- life cycle -------------------------------------------------------------------------
@@ -196,6 +205,7 @@ class Node:
         self.collector.sources.append(dataplane_metrics(self.forwarder, lambda: self.services,
                                                         self._extra_counters))
         self.collector.sources.append(lambda: self.check_stats.metrics(lambda: self.monitor))
+        self.collector.sources.append(self._node_gauges)
         self.control = ControlServer(cfg.node.control_socket, self.control_handlers())
         await self.control.start()
         if cfg.metrics.listen is not None:
@@ -449,7 +459,11 @@ class Node:
         """Re-read the config file; on any error keep running on the old one. Reloads and
         operator changes run one at a time (two SIGHUPs leave one health monitor)."""
         async with self._reconfig:
-            return await self._reload()
+            errors = await self._reload()
+        self.last_reload_ok = not errors
+        if not errors:
+            self.last_reload_success = time.time()
+        return errors
 
     async def _reload(self) -> list[str]:
         try:
@@ -719,6 +733,19 @@ class Node:
             "lbd_sessions_picked_up_total": self.forwarder.picked_up,
             **self._hold_counters(),
         }
+
+    def _node_gauges(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("lbd_config_last_reload_successful",
+                                "1 when the last reload was applied, 0 when it was refused",
+                                value=1 if self.last_reload_ok else 0)
+        yield GaugeMetricFamily("lbd_config_last_reload_success_timestamp_seconds",
+                                "When the config in force was read (start or last good reload)",
+                                value=self.last_reload_success)
+        if self.sync is not None:
+            yield GaugeMetricFamily("lbd_sync_gate_open",
+                                    "1 once this node may use its priority (peer's snapshot "
+                                    "applied, or none to wait for)",
+                                    value=1 if self._gate_open() else 0)
 
     def _hold_counters(self) -> dict[str, int]:
         hold = self.forwarder.hold

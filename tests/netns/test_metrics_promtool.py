@@ -8,6 +8,7 @@ only where apt has no such package is the test skipped.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -129,3 +130,40 @@ def test_pair_master_metrics_pass_promtool(env: LabEnv) -> None:
     state = fams["lbd_vrrp_state"]
     for instance in ("front", "back"):
         assert state[(("instance", instance), ("state", "MASTER"))] == 1
+
+
+def query(env: LabEnv, expr: str) -> list[dict[str, object]]:
+    from urllib.parse import quote
+    body = env.client("lba", "get", f"http://127.0.0.1:9090/api/v1/query?query={quote(expr)}",
+                      "--timeout", "3")["answers"][0]
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return []  # not up yet
+    result: list[dict[str, object]] = doc.get("data", {}).get("result", [])
+    return result
+
+
+def test_a_real_prometheus_scrapes_lbd(env: LabEnv) -> None:
+    """Debian's Prometheus, in lbd's namespace, scrapes it: ``up == 1`` and the families an
+    operator graphs first (build info, process CPU/RSS, reload state) are there."""
+    tool = promtool()
+    prometheus = Path(tool).with_name("prometheus")
+    assert prometheus.exists(), f"{prometheus} missing (the Debian package 'prometheus')"
+    env.start_servers()
+    env.lbd(configs.single(scheduler="rr", health=HEALTH))
+    conf = env.tmp / "prometheus.yml"
+    conf.write_text("global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+                    "scrape_configs:\n"
+                    "  - job_name: lbd\n"
+                    "    static_configs: [{targets: ['127.0.0.1:9641']}]\n")
+    env.lab.spawn("lba", [str(prometheus), f"--config.file={conf}",
+                          f"--storage.tsdb.path={env.tmp / 'tsdb'}",
+                          "--web.listen-address=127.0.0.1:9090"],
+                  log=str(env.tmp / "prometheus.log"))
+    wait_until(lambda: [r["value"][1] for r in query(env, 'up{job="lbd"}')  # type: ignore[index]
+                        ] == ["1"], timeout=30, what="Prometheus to scrape lbd with up == 1")
+    for expr in ("lbd_build_info", "lbd_process_resident_memory_bytes",
+                 "lbd_process_cpu_seconds_total", "lbd_config_last_reload_successful == 1",
+                 'lbd_drops_total{reason="table_full"} == 0', "lbd_server_weight == 1"):
+        assert query(env, expr), expr

@@ -726,3 +726,12 @@ def test_forwarded_packets_have_valid_checksums(cport: int, seq: int, payload: b
     back = IP(bytes(buf[pk.VNET_HDR_LEN:]))
     assert (back.src, back.dst, back.sport, back.dport) == (VIP, caddr, vport, cport)
     assert_checksums_valid(bytes(buf[pk.VNET_HDR_LEN:]))
+
+
+def test_every_drop_reason_is_declared_so_metrics_show_it_from_zero() -> None:
+    import inspect
+    import re
+
+    from lb import forwarder
+    used = set(re.findall(r'(?:drop|_refuse)\([^)]*?"([a-z_]+)"\)', inspect.getsource(forwarder)))
+    assert used and used <= set(forwarder.DROP_REASONS)
