@@ -995,3 +995,16 @@ def test_service_digest_follows_services_not_timeouts() -> None:
 
 def test_state_dir_default() -> None:
     assert parse_config(tomllib.loads(MINIMAL), SOURCE).node.state_dir == "/var/lib/lbd"
+
+
+def test_every_key_is_documented() -> None:
+    """Every key lb/config.py reads appears in docs/config.md's reference."""
+    src = (REPO / "lb" / "config.py").read_text()
+    keys = set(re.findall(r'(?:\.|\b)(?:req|get|opt|table|tables|array|allow)\(\s*"([a-z_]+)"',
+                          src))
+    doc = (REPO / "docs" / "config.md").read_text()
+    assert len(keys) > 60
+    missing = sorted(k for k in keys
+                     if f"`{k}`" not in doc and f"[{k}" not in doc and f".{k}" not in doc
+                     and not re.search(rf"[{{, ]{k}[ ,}}(]", doc))
+    assert missing == [], f"keys missing from docs/config.md: {missing}"
