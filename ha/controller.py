@@ -21,14 +21,22 @@ import asyncio
 import contextlib
 import logging
 import shlex
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from ha.ownership import AddressOwner
+from ha.ownership import AddressOwner, Claim
 from ha.vrrp_io import RawVrrpSocket, RunnerInstance, VrrpRunner
-from ha.vrrp_machine import GroupSync, State, StateChange, VrrpConfig, VrrpMachine
+from ha.vrrp_machine import (
+    GroupSync,
+    Reannounce,
+    State,
+    StateChange,
+    VrrpConfig,
+    VrrpMachine,
+)
 from lb.addr import int_to_ip, ip_to_int
 from lb.config import Config, VrrpGroupConfig, VrrpInstanceConfig
 from lb.kernel import Kernel
@@ -69,7 +77,7 @@ class HaController:
         self.groups: list[GroupSync] = []
         self.group_configs = {g.name: g for g in config.vrrp_groups}
         self.group_state: dict[str, str] = {}
-        self._queue: asyncio.Queue[tuple[str, StateChange]] = asyncio.Queue()
+        self._queue: asyncio.Queue[tuple[str, StateChange | Reannounce, float]] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
         self._notify_tasks: set[asyncio.Task[None]] = set()
         self.notify_failures = 0
@@ -103,13 +111,14 @@ class HaController:
                     ic.name, machine, tuple(ip_to_int(p) for p in ic.unicast_peers)))
             transport = RawVrrpSocket.open(ifname, idx, src)
             runner = VrrpRunner(loop, transport, src, runner_instances, self._on_state_change,
-                                on_step=self._on_step)
+                                on_step=self._on_step, on_announce=self._on_announce)
             for ri in runner_instances:
                 self.instances[ri.name].runner = runner
             self.runners.append(runner)
         for gc in self.config.vrrp_groups:
             self.groups.append(GroupSync(gc.name, [self.instances[n].machine
                                                    for n in gc.instances]))
+        self.owner.open_interfaces(by_if)
         self._tasks.append(loop.create_task(self._apply_changes()))
         await self.evaluate_tracking()
         for runner in self.runners:
@@ -131,6 +140,7 @@ class HaController:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.owner.release_all()
+        self.owner.close()
         if self._notify_tasks:
             await asyncio.wait(list(self._notify_tasks), timeout=2)
 
@@ -145,30 +155,66 @@ class HaController:
         inst = self.instances[name]
         log.warning("instance %s: %s -> %s (%s)", name, change.old.name, change.new.name,
                     change.reason.name.lower())
-        self._queue.put_nowait((name, change))
+        self._queue.put_nowait((name, change, time.monotonic()))
         self.on_state(name, change.new)
         self._notify(inst.config.notify, inst.config, "INSTANCE", name, change.new,
                      inst.machine.priority)
         if inst.group is not None:
             self._group_changed(inst.group)
 
+    def _on_announce(self, name: str, announcement: Reannounce) -> None:
+        log.warning("instance %s: %s claimed master and stepped down: announcing the "
+                    "addresses again", name, int_to_ip(announcement.rival))
+        self._queue.put_nowait((name, announcement, time.monotonic()))
+
     async def _apply_changes(self) -> None:
-        """Apply ownership for state changes one at a time, in the order they happened."""
+        """Apply ownership for state changes in the order they happened. What is queued
+        together (a sync group's members moving in one step) is applied together: the takes
+        of a run of MASTER changes go to the kernel in one batch, then their GARPs."""
         while True:
-            name, change = await self._queue.get()
-            ic = self.instances[name].config
+            batch = [await self._queue.get()]
+            while not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            claims: list[tuple[str, Claim, float]] = []
             try:
-                if change.new is State.MASTER:
-                    await self.owner.take(ic.interface, ic.addresses,
-                                          garp_count=ic.garp_count,
-                                          garp_interval=ic.garp_interval,
-                                          garp_refresh=ic.garp_master_delay)
-                elif change.old is State.MASTER:
-                    await self.owner.release(ic.interface, ic.addresses)
-            except Exception:
-                log.exception("instance %s: applying %s failed", name, change.new.name)
+                for name, change, at in batch:
+                    ic = self.instances[name].config
+                    if isinstance(change, StateChange) and change.new is State.MASTER:
+                        claims.append((name, Claim(ic.interface, ic.addresses, ic.garp_count,
+                                                   ic.garp_interval, ic.garp_master_delay), at))
+                        continue
+                    await self._take(claims)
+                    claims = []
+                    if isinstance(change, Reannounce):
+                        self.owner.announce(ic.interface, [a.address for a in ic.addresses],
+                                            ic.garp_count, ic.garp_interval,
+                                            refresh=ic.garp_master_delay)
+                    elif change.old is State.MASTER:
+                        await self._release(name, ic)
+                await self._take(claims)
             finally:
-                self._queue.task_done()
+                for _ in batch:
+                    self._queue.task_done()
+
+    async def _take(self, claims: list[tuple[str, Claim, float]]) -> None:
+        if not claims:
+            return
+        names = ", ".join(name for name, _, _ in claims)
+        try:
+            await self.owner.take_many([claim for _, claim, _ in claims])
+        except Exception:
+            log.exception("instance %s: taking the addresses failed", names)
+            return
+        done = time.monotonic()
+        log.info("instance %s: took %d addresses %.1f ms after the transition", names,
+                 sum(len(c.addresses) for _, c, _ in claims),
+                 (done - min(at for _, _, at in claims)) * 1000)
+
+    async def _release(self, name: str, ic: VrrpInstanceConfig) -> None:
+        try:
+            await self.owner.release(ic.interface, ic.addresses)
+        except Exception:
+            log.exception("instance %s: releasing the addresses failed", name)
 
     def _group_changed(self, group: str) -> None:
         states = [self.instances[n].machine.state for n in self.group_configs[group].instances]
