@@ -168,33 +168,49 @@ class HaController:
         self._queue.put_nowait((name, announcement, time.monotonic()))
 
     async def _apply_changes(self) -> None:
-        """Apply ownership for state changes in the order they happened. What is queued
-        together (a sync group's members moving in one step) is applied together: the takes
-        of a run of MASTER changes go to the kernel in one batch, then their GARPs."""
+        """Apply ownership for what is queued, all of it together: a sync group's members
+        move in one step, and their takes go to the kernel in one batch, then their GARPs.
+        Each instance's changes in a batch reduce to their net effect, so a blip (MASTER
+        and back within one batch) installs and announces nothing."""
         while True:
             batch = [await self._queue.get()]
             while not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-            claims: list[tuple[str, Claim, float]] = []
             try:
-                for name, change, at in batch:
-                    ic = self.instances[name].config
-                    if isinstance(change, StateChange) and change.new is State.MASTER:
-                        claims.append((name, Claim(ic.interface, ic.addresses, ic.garp_count,
-                                                   ic.garp_interval, ic.garp_master_delay), at))
-                        continue
-                    await self._take(claims)
-                    claims = []
-                    if isinstance(change, Reannounce):
-                        self.owner.announce(ic.interface, [a.address for a in ic.addresses],
-                                            ic.garp_count, ic.garp_interval,
-                                            refresh=ic.garp_master_delay)
-                    elif change.old is State.MASTER:
-                        await self._release(name, ic)
-                await self._take(claims)
+                await self._apply(batch)
+            except Exception:
+                log.exception("applying VRRP state changes failed")
             finally:
                 for _ in batch:
                     self._queue.task_done()
+
+    async def _apply(self, batch: list[tuple[str, StateChange | Reannounce, float]]) -> None:
+        final: dict[str, State] = {}
+        touched_master: set[str] = set()
+        since: dict[str, float] = {}
+        announce: list[str] = []
+        for name, change, at in batch:
+            if isinstance(change, Reannounce):
+                announce.append(name)
+                continue
+            final[name] = change.new
+            since.setdefault(name, at)
+            if State.MASTER in (change.old, change.new):
+                touched_master.add(name)
+        for name in touched_master:
+            if final[name] is not State.MASTER:
+                await self._release(name, self.instances[name].config)
+        claims = [(name, Claim(ic.interface, ic.addresses, ic.garp_count, ic.garp_interval,
+                               ic.garp_master_delay), since[name])
+                  for name, state in final.items() if state is State.MASTER
+                  for ic in (self.instances[name].config,)]
+        await self._take(claims)
+        for name in announce:
+            ic = self.instances[name].config
+            if name not in final and self.instances[name].machine.state is State.MASTER:
+                self.owner.announce(ic.interface, [a.address for a in ic.addresses],
+                                    ic.garp_count, ic.garp_interval,
+                                    refresh=ic.garp_master_delay)
 
     async def _take(self, claims: list[tuple[str, Claim, float]]) -> None:
         if not claims:
@@ -353,8 +369,16 @@ class HaController:
         dropped = CounterMetricFamily("lbd_vrrp_adverts_dropped",
                                       "VRRP adverts dropped, by reason",
                                       labels=["scope", "reason"])
+        rivals = CounterMetricFamily(
+            "lbd_vrrp_rival_adverts", "Adverts received as master from a node that claimed "
+            "master and lost", labels=["instance"])
+        reannounced = CounterMetricFamily(
+            "lbd_vrrp_reannouncements", "Addresses announced again after a rival master "
+            "stepped down", labels=["instance"])
         for name, inst in self.instances.items():
             m = inst.machine
+            rivals.add_metric([name], m.rival_adverts)
+            reannounced.add_metric([name], m.reannouncements)
             for st in State:
                 state.add_metric([name, st.value], 1 if m.state is st else 0)
             prio.add_metric([name], m.priority)
@@ -367,6 +391,10 @@ class HaController:
             scope = f"interface:{int_to_ip(runner.primary_address)}"
             for reason, n in runner.dropped.items():
                 dropped.add_metric([scope, reason.value], n)
-        yield from (state, prio, trans, sent, recv, dropped)
+        yield from (state, prio, trans, sent, recv, dropped, rivals, reannounced)
+        yield CounterMetricFamily("lbd_garps_sent", "Gratuitous ARPs sent",
+                                  value=self.owner.garps_sent)
+        yield CounterMetricFamily("lbd_garp_errors", "Rounds of gratuitous ARPs that failed",
+                                  value=self.owner.garp_errors)
         yield CounterMetricFamily("lbd_vrrp_notify_failures", "Notify scripts that failed",
                                   value=self.notify_failures)
