@@ -21,14 +21,22 @@ import asyncio
 import contextlib
 import logging
 import shlex
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from ha.ownership import AddressOwner
+from ha.ownership import AddressOwner, Claim
 from ha.vrrp_io import RawVrrpSocket, RunnerInstance, VrrpRunner
-from ha.vrrp_machine import GroupSync, State, StateChange, VrrpConfig, VrrpMachine
+from ha.vrrp_machine import (
+    GroupSync,
+    Reannounce,
+    State,
+    StateChange,
+    VrrpConfig,
+    VrrpMachine,
+)
 from lb.addr import int_to_ip, ip_to_int
 from lb.config import Config, VrrpGroupConfig, VrrpInstanceConfig
 from lb.kernel import Kernel
@@ -70,7 +78,7 @@ class HaController:
         self.groups: list[GroupSync] = []
         self.group_configs = {g.name: g for g in config.vrrp_groups}
         self.group_state: dict[str, str] = {}
-        self._queue: asyncio.Queue[tuple[str, StateChange]] = asyncio.Queue()
+        self._queue: asyncio.Queue[tuple[str, StateChange | Reannounce, float]] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
         self._notify_tasks: set[asyncio.Task[None]] = set()
         self.notify_failures = 0
@@ -104,13 +112,14 @@ class HaController:
                     ic.name, machine, tuple(ip_to_int(p) for p in ic.unicast_peers)))
             transport = RawVrrpSocket.open(ifname, idx, src)
             runner = VrrpRunner(loop, transport, src, runner_instances, self._on_state_change,
-                                on_step=self._on_step)
+                                on_step=self._on_step, on_announce=self._on_announce)
             for ri in runner_instances:
                 self.instances[ri.name].runner = runner
             self.runners.append(runner)
         for gc in self.config.vrrp_groups:
             self.groups.append(GroupSync(gc.name, [self.instances[n].machine
                                                    for n in gc.instances]))
+        self.owner.open_interfaces(by_if)
         self._tasks.append(loop.create_task(self._apply_changes()))
         await self.evaluate_tracking()
         for runner in self.runners:
@@ -132,6 +141,7 @@ class HaController:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.owner.release_all()
+        self.owner.close()
         if self._notify_tasks:
             await asyncio.wait(list(self._notify_tasks), timeout=2)
 
@@ -146,30 +156,82 @@ class HaController:
         inst = self.instances[name]
         log.warning("instance %s: %s -> %s (%s)", name, change.old.name, change.new.name,
                     change.reason.name.lower())
-        self._queue.put_nowait((name, change))
+        self._queue.put_nowait((name, change, time.monotonic()))
         self.on_state(name, change.new)
         self._notify(inst.config.notify, inst.config, "INSTANCE", name, change.new,
                      inst.machine.priority)
         if inst.group is not None:
             self._group_changed(inst.group)
 
+    def _on_announce(self, name: str, announcement: Reannounce) -> None:
+        log.warning("instance %s: %s claimed master and stepped down: announcing the "
+                    "addresses again", name, int_to_ip(announcement.rival))
+        self._queue.put_nowait((name, announcement, time.monotonic()))
+
     async def _apply_changes(self) -> None:
-        """Apply ownership for state changes one at a time, in the order they happened."""
+        """Apply ownership for what is queued, all of it together: a sync group's members
+        move in one step, and their takes go to the kernel in one batch, then their GARPs.
+        Each instance's changes in a batch reduce to their net effect, so a blip (MASTER
+        and back within one batch) installs and announces nothing."""
         while True:
-            name, change = await self._queue.get()
-            ic = self.instances[name].config
+            batch = [await self._queue.get()]
+            while not self._queue.empty():
+                batch.append(self._queue.get_nowait())
             try:
-                if change.new is State.MASTER:
-                    await self.owner.take(ic.interface, ic.addresses,
-                                          garp_count=ic.garp_count,
-                                          garp_interval=ic.garp_interval,
-                                          garp_refresh=ic.garp_master_delay)
-                elif change.old is State.MASTER:
-                    await self.owner.release(ic.interface, ic.addresses)
+                await self._apply(batch)
             except Exception:
-                log.exception("instance %s: applying %s failed", name, change.new.name)
+                log.exception("applying VRRP state changes failed")
             finally:
-                self._queue.task_done()
+                for _ in batch:
+                    self._queue.task_done()
+
+    async def _apply(self, batch: list[tuple[str, StateChange | Reannounce, float]]) -> None:
+        final: dict[str, State] = {}
+        touched_master: set[str] = set()
+        since: dict[str, float] = {}
+        announce: list[str] = []
+        for name, change, at in batch:
+            if isinstance(change, Reannounce):
+                announce.append(name)
+                continue
+            final[name] = change.new
+            since.setdefault(name, at)
+            if State.MASTER in (change.old, change.new):
+                touched_master.add(name)
+        for name in touched_master:
+            if final[name] is not State.MASTER:
+                await self._release(name, self.instances[name].config)
+        claims = [(name, Claim(ic.interface, ic.addresses, ic.garp_count, ic.garp_interval,
+                               ic.garp_master_delay), since[name])
+                  for name, state in final.items() if state is State.MASTER
+                  for ic in (self.instances[name].config,)]
+        await self._take(claims)
+        for name in announce:
+            ic = self.instances[name].config
+            if name not in final and self.instances[name].machine.state is State.MASTER:
+                self.owner.announce(ic.interface, [a.address for a in ic.addresses],
+                                    ic.garp_count, ic.garp_interval,
+                                    refresh=ic.garp_master_delay)
+
+    async def _take(self, claims: list[tuple[str, Claim, float]]) -> None:
+        if not claims:
+            return
+        names = ", ".join(name for name, _, _ in claims)
+        try:
+            await self.owner.take_many([claim for _, claim, _ in claims])
+        except Exception:
+            log.exception("instance %s: taking the addresses failed", names)
+            return
+        done = time.monotonic()
+        log.info("instance %s: took %d addresses %.1f ms after the transition", names,
+                 sum(len(c.addresses) for _, c, _ in claims),
+                 (done - min(at for _, _, at in claims)) * 1000)
+
+    async def _release(self, name: str, ic: VrrpInstanceConfig) -> None:
+        try:
+            await self.owner.release(ic.interface, ic.addresses)
+        except Exception:
+            log.exception("instance %s: releasing the addresses failed", name)
 
     def _group_changed(self, group: str) -> None:
         states = [self.instances[n].machine.state for n in self.group_configs[group].instances]
@@ -330,8 +392,16 @@ class HaController:
         dropped = CounterMetricFamily("lbd_vrrp_adverts_dropped",
                                       "VRRP adverts dropped, by reason",
                                       labels=["scope", "reason"])
+        rivals = CounterMetricFamily(
+            "lbd_vrrp_rival_adverts", "Adverts received as master from a node that claimed "
+            "master and lost", labels=["instance"])
+        reannounced = CounterMetricFamily(
+            "lbd_vrrp_reannouncements", "Addresses announced again after a rival master "
+            "stepped down", labels=["instance"])
         for name, inst in self.instances.items():
             m = inst.machine
+            rivals.add_metric([name], m.rival_adverts)
+            reannounced.add_metric([name], m.reannouncements)
             for st in State:
                 state.add_metric([name, st.value], 1 if m.state is st else 0)
             prio.add_metric([name], m.priority)
@@ -344,6 +414,10 @@ class HaController:
             scope = f"interface:{int_to_ip(runner.primary_address)}"
             for reason, n in runner.dropped.items():
                 dropped.add_metric([scope, reason.value], n)
-        yield from (state, prio, trans, sent, recv, dropped)
+        yield from (state, prio, trans, sent, recv, dropped, rivals, reannounced)
+        yield CounterMetricFamily("lbd_garps_sent", "Gratuitous ARPs sent",
+                                  value=self.owner.garps_sent)
+        yield CounterMetricFamily("lbd_garp_errors", "Rounds of gratuitous ARPs that failed",
+                                  value=self.owner.garp_errors)
         yield CounterMetricFamily("lbd_vrrp_notify_failures", "Notify scripts that failed",
                                   value=self.notify_failures)

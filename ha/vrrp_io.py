@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from ha.vrrp_machine import AdvertOut, StateChange, VrrpMachine
+from ha.vrrp_machine import AdvertOut, Reannounce, StateChange, VrrpMachine
 from ha.vrrp_packet import (
     VRRP_MULTICAST_GROUP,
     VRRP_PROTOCOL,
@@ -169,6 +169,7 @@ class RunnerInstance:
 
 
 StateCallback = Callable[[str, StateChange], None]
+AnnounceCallback = Callable[[str, Reannounce], None]
 
 
 class VrrpRunner:
@@ -176,6 +177,8 @@ class VrrpRunner:
 
     RECV_BATCH = 64
     """Packets read per readiness callback: bounded work per wake-up."""
+    TIMER_DRAIN = 1024
+    """Packets read, at most, before the machines' timers act (see :meth:`_on_timer`)."""
 
     def __init__(
         self,
@@ -186,6 +189,7 @@ class VrrpRunner:
         on_state_change: StateCallback,
         *,
         on_step: Callable[[float], None] | None = None,
+        on_announce: AnnounceCallback | None = None,
     ) -> None:
         self._loop = loop
         self._transport = transport
@@ -203,6 +207,7 @@ class VrrpRunner:
             self._by_name[instance.name] = instance
         self._on_state_change = on_state_change
         self._on_step = on_step
+        self._on_announce = on_announce
         self._timer: TimerHandle | None = None
         self._timer_at: float | None = None
         self._reading = False
@@ -281,8 +286,11 @@ class VrrpRunner:
     # ---------------------------------------------------------------- loop callbacks
 
     def _on_readable(self) -> None:
-        now = self._loop.time()
-        for _ in range(self.RECV_BATCH):
+        self._read(self._loop.time(), self.RECV_BATCH)
+        self.flush()
+
+    def _read(self, now: float, limit: int) -> None:
+        for _ in range(limit):
             try:
                 packet = self._transport.recv_packet()
             except OSError:
@@ -291,13 +299,19 @@ class VrrpRunner:
             if packet is None:
                 break
             self._feed(packet, now)
-        self.flush()
 
     def _on_timer(self) -> None:
         # asyncio may run a call_at callback a clock resolution early: never feed the
         # machines a time before the deadline they asked for.
         now = max(self._loop.time(), self._timer_at or 0.0)
         self._timer = self._timer_at = None
+        # What the socket holds comes first. After a pause (SIGSTOP, a VM freeze) it holds
+        # the adverts that arrived meanwhile, and uvloop runs an overdue timer before the
+        # reader: a backup would take over from a live master until it read them (seen:
+        # MASTER for a few ms, the sync connection reset). Normally this is one recv that
+        # finds nothing.
+        if self._reading:
+            self._read(now, self.TIMER_DRAIN)
         for instance in self._instances:
             instance.machine.handle_timer(now)
         self._stepped(now)
@@ -341,6 +355,14 @@ class VrrpRunner:
                 self.callback_errors += 1
                 _log.exception("VRRP %s: state-change callback failed on %s", instance.name,
                                event)
+        while (announcement := machine.next_announcement()) is not None:
+            if self._on_announce is None:
+                continue
+            try:
+                self._on_announce(instance.name, announcement)
+            except Exception:
+                self.callback_errors += 1
+                _log.exception("VRRP %s: announce callback failed", instance.name)
 
     def _send(self, instance: RunnerInstance, advert: AdvertOut) -> None:
         destinations = instance.unicast_peers or (VRRP_MULTICAST_GROUP,)

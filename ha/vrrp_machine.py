@@ -53,6 +53,16 @@ Choices where the RFC leaves room:
   the new priority immediately; a backup uses it for the next advert it compares.
 - Priority 255 makes the instance the address owner: master at once on start and when leaving
   FAULT.
+- A master that hears another node claim master and lose to us (lower priority, or equal
+  from a lower address: a backup that wrongly took over for a moment and sent gratuitous
+  ARPs) answers with an advert at once, so that the rival steps down in one round trip, and
+  once the rival has been silent for ``RIVAL_QUIET`` of its advert intervals it emits a
+  :class:`Reannounce` (pulled with :meth:`~VrrpMachine.next_announcement`): the shell sends
+  a round of gratuitous ARPs again, so that neighbours which followed the rival come back
+  (keepalived's ``garp_lower_prio_repeat``, issue #166). Announcing at once would race the
+  rival's own ARPs and lose; waiting until it is quiet means its last ARP is behind us. A
+  rival that never goes quiet (it cannot hear us) gets one advert per episode, not one per
+  advert it sends, and no ARPs: that is a split brain, not a blip.
 """
 
 from __future__ import annotations
@@ -63,6 +73,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ha.vrrp_packet import MAX_ADVER_INT_CS, Advert, RejectReason
+
+RIVAL_QUIET = 3
+"""A rival master is taken as stepped down after this many of its advert intervals of
+silence (the same count a backup waits before declaring a master dead)."""
 
 
 class State(enum.Enum):
@@ -153,6 +167,14 @@ class StateChange:
     reason: Reason
 
 
+@dataclass(frozen=True, slots=True)
+class Reannounce:
+    """As master, announce the addresses again (gratuitous ARPs): ``rival`` claimed master
+    and has stepped down, and neighbours may have followed it."""
+
+    rival: int
+
+
 class VrrpMachine:
     """One VRRPv3 virtual router. See the module docstring for the rules."""
 
@@ -173,11 +195,17 @@ class VrrpMachine:
         self._master_src: int | None = None
         self._outbox: list[AdvertOut] = []
         self._events: deque[StateChange] = deque()
+        self._announcements: deque[Reannounce] = deque()
+        self._rival: int | None = None  # master: a losing node claimed master lately
+        self._rival_deadline: float | None = None
         self.adverts_sent = 0
         self.adverts_received = 0
         """Every advert handed to receive(), dropped or not."""
         self.dropped: dict[RejectReason, int] = {}
         self.transitions = 0
+        self.rival_adverts = 0
+        """Adverts received as MASTER from a node that claimed master and lost to us."""
+        self.reannouncements = 0
 
     # ---------------------------------------------------------------- read-only views
 
@@ -230,9 +258,16 @@ class VrrpMachine:
     def next_event(self) -> StateChange | None:
         return self._events.popleft() if self._events else None
 
+    def next_announcement(self) -> Reannounce | None:
+        return self._announcements.popleft() if self._announcements else None
+
     def get_timer(self) -> float | None:
         """The one deadline (in the caller's clock) at which handle_timer() is due."""
-        return self._deadline
+        if self._rival_deadline is None:
+            return self._deadline
+        if self._deadline is None:
+            return self._rival_deadline
+        return min(self._deadline, self._rival_deadline)
 
     # ---------------------------------------------------------------- inputs
 
@@ -258,6 +293,11 @@ class VrrpMachine:
         self._transition(State.INIT, Reason.SHUTDOWN)
 
     def handle_timer(self, now: float) -> None:
+        if self._rival_deadline is not None and now >= self._rival_deadline:
+            assert self._rival is not None and self._state is State.MASTER
+            self._announcements.append(Reannounce(self._rival))
+            self.reannouncements += 1
+            self._rival = self._rival_deadline = None
         if self._deadline is None or now < self._deadline:
             return
         if self._state is State.MASTER:
@@ -375,6 +415,14 @@ class VrrpMachine:
         ):
             self._master_src = advert.src
             self._enter_backup(now, advert.max_adver_int_cs / 100, Reason.HIGHER_PRIORITY)
+        else:
+            # A node claims master and loses to us: tell it once, announce when it is quiet.
+            self.rival_adverts += 1
+            if self._rival is None:
+                self._send(self._priority)
+                self._deadline = now + self._interval
+            self._rival = advert.src
+            self._rival_deadline = now + RIVAL_QUIET * advert.max_adver_int_cs / 100
 
     def _enter_backup(self, now: float, master_adver_interval: float, reason: Reason) -> None:
         self._master_adver_interval = master_adver_interval
@@ -412,6 +460,9 @@ class VrrpMachine:
 
     def _transition(self, new: State, reason: Reason) -> None:
         old, self._state = self._state, new
+        if old is State.MASTER:
+            self._rival = self._rival_deadline = None
+            self._announcements.clear()
         self.transitions += 1
         self._events.append(StateChange(old, new, reason))
 

@@ -79,6 +79,7 @@ class Kernel:
         self.rule_priority = rule_priority
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="lbd-netlink")
         self._ipr: Any = None
+        self._restore: dict[str, str] = {}  # sysctls changed by prepare(), their old values
 
     @classmethod
     async def open(cls, *, route_table: int, rule_priority: int) -> Kernel:
@@ -95,6 +96,7 @@ class Kernel:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def close(self) -> None:
+        self.restore_sysctls()
         if self._ipr is not None:
             await self._call(self._ipr.close)
         self._executor.shutdown(wait=True)
@@ -141,6 +143,7 @@ class Kernel:
         ``arp_interfaces``: where lbd answers ARP for addresses it holds (besides
         ``client_if``)."""
         write_sysctl("net.ipv4.ip_forward", "1")
+        self.disable_early_demux()
         # Rewritten client packets re-enter through the TUN with the client's source:
         # strict reverse-path filtering would drop them.
         for dev in ("all", "default", tun, client_if, server_if):
@@ -169,6 +172,37 @@ class Kernel:
                 Path(f"/sys/class/net/{tun}/queues/rx-0/rps_cpus").write_text(mask)
             except OSError as exc:
                 log.warning("cannot set RPS on %s (rps_cpus = %s): %s", tun, rps_cpus, exc)
+
+    def disable_early_demux(self) -> None:
+        """Turn TCP and UDP early demux off in this namespace (restored at close).
+
+        A local process that talked on a VIP's 4-tuples (a proxy lbd replaces, on the same
+        box) leaves TIME_WAIT (or connected UDP) sockets behind. Early demux looks a client's
+        packet up among local sockets before routing, finds such a socket, attaches it, and
+        ``ip_forward()`` then drops the packet silently because it carries a socket: lbd never
+        sees it (measured: 4 conn/s after an HAProxy run on the same box). IPVS detaches such
+        sockets on purpose; here early demux is off where lbd routes VIPs, which costs the
+        box's own sockets one route lookup per packet and nothing else."""
+        for key in ("net.ipv4.tcp_early_demux", "net.ipv4.udp_early_demux"):
+            path = Path("/proc/sys", *key.split("."))
+            try:
+                old = path.read_text().strip()
+                if old != "0":
+                    path.write_text("0")
+                    self._restore.setdefault(key, old)
+                    log.info("%s = 0 (was %s): local sockets left on a VIP must not swallow "
+                             "clients' packets", key, old)
+            except OSError as exc:
+                log.warning("cannot turn %s off: %s", key, exc)
+
+    def restore_sysctls(self) -> None:
+        """Put back what :meth:`disable_early_demux` changed."""
+        restore, self._restore = self._restore, {}
+        for key, value in restore.items():
+            try:
+                write_sysctl(key, value)
+            except OSError as exc:
+                log.warning("cannot restore %s = %s: %s", key, value, exc)
 
     def _set_link_up(self, ifname: str) -> int:
         idx = self._index(ifname)
@@ -275,6 +309,34 @@ class Kernel:
         lives and dies with lbd, so a killed lbd answers no ARP for it)."""
         await self._call(self._claim_address, address, tun_index, ifname)
 
+    def _claim_addresses(self, claims: list[tuple[str, list[str]]], tun_index: int) -> None:
+        for ifname, addresses in claims:
+            idx = self._index(ifname)
+            for address in addresses:
+                self._replace_route(f"{address}/32", tun_index, 254)
+                try:
+                    self._ipr.neigh("add", dst=address, ifindex=idx, flags=NTF_PROXY,
+                                    NDA_PROTOCOL=RTPROT_LBD)
+                except NetlinkError as exc:
+                    if exc.code != EEXIST:
+                        raise
+
+    async def claim_addresses(self, claims: Iterable[tuple[str, Iterable[str]]],
+                              tun_index: int) -> None:
+        """:meth:`claim_address` for every (interface, addresses) pair, in one hop to the
+        netlink thread: a takeover's requests go out back to back, with no trip through the
+        event loop between two addresses."""
+        await self._call(self._claim_addresses,
+                         [(ifname, list(addresses)) for ifname, addresses in claims], tun_index)
+
+    def _release_addresses(self, ifname: str, addresses: list[str]) -> None:
+        for address in addresses:
+            self._release_address(address, ifname)
+
+    async def release_addresses(self, ifname: str, addresses: Iterable[str]) -> None:
+        """:meth:`release_address` for each address, in one hop to the netlink thread."""
+        await self._call(self._release_addresses, ifname, list(addresses))
+
     def _release_address(self, address: str, ifname: str) -> None:
         with contextlib.suppress(NetlinkError):
             self._ipr.route("del", dst=f"{address}/32", table=254, proto=RTPROT_LBD)
@@ -302,15 +364,66 @@ def _dst(msg: Any) -> str:
     return f"{dst}/{msg['dst_len']}"
 
 
-def gratuitous_arp(ifname: str, address: str, count: int = 1) -> None:
-    """Send ``count`` gratuitous ARP requests for ``address`` out of ``ifname`` (blocking,
-    microseconds; the caller spaces repeats)."""
-    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0806)) as sock:
-        sock.bind((ifname, 0x0806))
-        mac = sock.getsockname()[4]
-        ip = socket.inet_aton(address)
-        frame = (b"\xff" * 6 + mac + struct.pack("!H", 0x0806)
-                 + struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1)
-                 + mac + ip + b"\x00" * 6 + ip)
-        for _ in range(count):
-            sock.send(frame)
+ETH_P_ARP = 0x0806
+_ARP_REQUEST = struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1)  # Ethernet/IPv4, who-has
+
+
+def garp_frame(mac: bytes, address: str) -> bytes:
+    """A gratuitous ARP request for ``address`` from ``mac``: broadcast, sender and target
+    protocol address both ``address`` (what keepalived sends)."""
+    ip = socket.inet_aton(address)
+    return (b"\xff" * 6 + mac + struct.pack("!H", ETH_P_ARP) + _ARP_REQUEST
+            + mac + ip + b"\x00" * 6 + ip)
+
+
+class GarpSender:
+    """Gratuitous ARPs from one packet socket per interface, opened once and kept.
+
+    Opening and closing a packet socket per ARP cost 14-33 ms on a 2-core box, inside the
+    event loop: binding one to a protocol registers a packet handler and closing it waits for
+    an RCU grace period (``synchronize_net``). Here the socket is bound with protocol 0, which
+    receives nothing (no handler, no queue to fill) and binds in microseconds; it is opened
+    with :meth:`open` at start, kept, and closed by :meth:`close` at stop, off the takeover
+    path. Frames are built once per (interface, address, MAC) and sent non-blocking: a full
+    queue is an error counted by the caller, never a wait.
+    """
+
+    def __init__(self) -> None:
+        self._socks: dict[str, socket.socket] = {}
+        self._frames: dict[tuple[str, str], bytes] = {}
+
+    def open(self, ifname: str) -> None:
+        """Open the interface's socket now (idempotent). Raises OSError."""
+        if ifname in self._socks:
+            return
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+        try:
+            sock.bind((ifname, 0))
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        self._socks[ifname] = sock
+
+    def frame(self, ifname: str, address: str) -> bytes:
+        """The GARP frame for ``address`` on ``ifname`` (built on first use). Raises OSError."""
+        self.open(ifname)
+        mac = self._socks[ifname].getsockname()[4]
+        frame = self._frames.get((ifname, address))
+        if frame is None or frame[6:12] != mac:  # built once; again only if the MAC changed
+            frame = self._frames[(ifname, address)] = garp_frame(mac, address)
+        return frame
+
+    def send(self, ifname: str, frames: Iterable[bytes]) -> None:
+        """Send prepared frames out of ``ifname`` without blocking. Raises OSError."""
+        self.open(ifname)
+        send = self._socks[ifname].send
+        for frame in frames:
+            send(frame)
+
+    def close(self) -> None:
+        socks, self._socks = self._socks, {}
+        for sock in socks.values():
+            sock.close()
+        self._frames.clear()
+

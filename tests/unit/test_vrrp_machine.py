@@ -806,3 +806,108 @@ def test_runner_tracking_api_and_group_hook() -> None:
 def test_runner_refuses_duplicate_vrids() -> None:
     with pytest.raises(ValueError, match="VRID 51"):
         rig([("a", machine(100, A_ADDR), ()), ("b", machine(100, A_ADDR), ())])
+
+
+# ------------------------------------------------------------------ blips and pauses (issue 10)
+
+
+def announcements(m: VrrpMachine) -> list[int]:
+    out = []
+    while (a := m.next_announcement()) is not None:
+        out.append(a.rival)
+    return out
+
+
+def test_master_reannounces_once_a_rival_master_steps_down() -> None:
+    """keepalived #166: a backup that wrongly took over for a moment sent GARPs; the real
+    master tells it at once and announces again once it is quiet."""
+    lan = Lan([machine(200, A_ADDR, interval=0.03), machine(100, B_ADDR, interval=0.03)])
+    lan.start()
+    lan.run(1)
+    assert lan.states() == [State.MASTER, State.BACKUP]
+    master, backup = lan.machines
+    # The blip: the backup misses the master's adverts (a starved loop) and takes over.
+    lan.cut.add(0)
+    lan.run_until(lambda: backup.state is State.MASTER, 1)
+    assert master.state is State.MASTER
+    lan.cut.discard(0)
+    lan.run_until(lambda: backup.state is State.BACKUP, 1)
+    assert master.state is State.MASTER
+    assert master.rival_adverts >= 1
+    assert announcements(master) == []  # not while the rival's own ARPs may be in flight
+    quiet = lan.now + 3 * 0.03
+    lan.run_until(lambda: master.reannouncements == 1, 1)
+    assert lan.now >= quiet - EPS
+    assert announcements(master) == [B_ADDR]
+    lan.run(2)
+    assert master.reannouncements == 1 and announcements(master) == []
+
+
+def test_a_rival_that_keeps_claiming_is_answered_once_and_not_announced_against() -> None:
+    m = machine(200, A_ADDR, interval=0.1)
+    m.start(0.0)
+    m.handle_timer(m.get_timer() or 0.0)
+    m.handle_timer(m.get_timer() or 0.0)
+    assert m.state is State.MASTER
+    m.adverts_to_send()
+    now = 1.0
+    for _ in range(20):
+        m.receive(Advert(B_ADDR, 51, 100, 10, (VIP,)), now)
+        while (due := m.get_timer()) is not None and due <= now + 0.1:
+            m.handle_timer(due)
+        now += 0.1
+    assert m.rival_adverts == 20
+    assert sum(a.priority for a in m.adverts_to_send()) > 0
+    assert m.reannouncements == 0
+    while (due := m.get_timer()) is not None and due <= now + 1:
+        m.handle_timer(due)
+    assert announcements(m) == [B_ADDR]
+
+
+def test_leaving_master_drops_a_pending_reannouncement() -> None:
+    m = machine(200, A_ADDR, interval=0.1)
+    m.start(0.0)
+    while m.state is not State.MASTER:
+        m.handle_timer(m.get_timer() or 0.0)
+    m.receive(Advert(B_ADDR, 51, 100, 10, (VIP,)), 1.0)
+    m.receive(Advert(C_ADDR, 51, 250, 10, (VIP,)), 1.05)
+    assert m.next_event() is not None and m.wants_master is False
+    m.handle_timer(1.5)
+    assert announcements(m) == [] and m.reannouncements == 0
+
+
+def test_runner_reports_reannouncements() -> None:
+    loop, transport = FakeLoop(), FakeTransport()
+    seen: list[tuple[str, int]] = []
+    runner = VrrpRunner(loop, transport, A_ADDR,
+                        [RunnerInstance("front", machine(255, A_ADDR, interval=0.1))],
+                        lambda name, event: None,
+                        on_announce=lambda name, a: seen.append((name, a.rival)))
+    runner.start()
+    runner.datagram_received(peer_packet(priority=100))  # its interval: 1 s
+    loop.advance(2.9)
+    assert seen == []
+    loop.advance(0.2)
+    assert seen == [("front", B_ADDR)]
+
+
+def test_runner_reads_queued_adverts_before_an_overdue_timer_acts() -> None:
+    """A thawed backup (SIGSTOP, VM freeze): its Master_Down_Timer is long overdue and the
+    socket holds the live master's adverts. uvloop runs the timer first; the runner must read
+    them before the machine decides, so the backup never claims master."""
+    m = machine(100, A_ADDR, interval=0.1)
+    r = rig([("front", m, ())])
+    r.runner.start()
+    r.runner.datagram_received(peer_packet(priority=200))
+    assert m.state is State.BACKUP
+    # Paused for 5 s (Master_Down_Interval is 3.6 s): the master kept advertising once a
+    # second, nothing was read.
+    r.transport.inbox.extend([peer_packet(priority=200)] * 5)
+    r.loop.advance(5.0)  # only the timer runs (the fake loop never calls the reader)
+    assert m.state is State.BACKUP
+    assert r.transport.inbox == []
+    assert [e for _, e in r.events if e.new is State.MASTER] == []
+    assert r.transport.sent == []
+    # Without adverts the same timer does take over.
+    r.loop.advance(4.0)
+    assert r.events[-1][1].new is State.MASTER
