@@ -6,10 +6,14 @@ back into records; the TCP transport feeds it and reads it, and owns sockets, ti
 
 Wire format (network byte order)::
 
-    header  20 bytes  magic "LBDS" | version u8 = 1 | type u8 | flags u16 = 0
+    header  20 bytes  magic "LBDS" | version u8 = 2 | type u8 | flags u16 = 0
                       | body length u32 (<= MAX_BODY) | sequence u64
     body    length bytes
     mac     32 bytes  HMAC-SHA256(key, header + body)
+
+``key`` is the connection's own key for that direction, derived by the handshake
+(:mod:`ha.sync_handshake`) from the shared key and both sides' fresh nonces, so a frame recorded
+on one connection is refused on every other even though sequences restart at 1.
 
 Rules of this module:
 
@@ -45,7 +49,7 @@ from dataclasses import dataclass
 from typing import ClassVar, TypeAlias
 
 MAGIC = b"LBDS"
-VERSION = 1
+VERSION = 2
 MAX_BODY = 65536
 """Largest body accepted or produced, in bytes."""
 MIN_KEY = 16
@@ -141,10 +145,12 @@ class BindingGone:
 
 @dataclass(frozen=True, slots=True)
 class Hello:
-    """First frame of a connection: who the sender is and which boot of it."""
+    """First frame of a connection: who the sender is, which boot of it, and a digest of its
+    virtual servers and pools (``Config.service_digest``: a mismatch is shown, not refused)."""
 
     node: str
     boot_id: int
+    config_digest: bytes = bytes(16)
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +175,19 @@ class Heartbeat:
 
 
 @dataclass(frozen=True, slots=True)
+class Applied:
+    """Sent back by the receiver: every frame up to ``sequence`` of this connection has been
+    applied (batched: one per read of the stream)."""
+
+    sequence: int
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotRequest:
+    """Sent back by the receiver: send me a full snapshot of your instances."""
+
+
+@dataclass(frozen=True, slots=True)
 class HeartbeatAck:
     """Echo of a :class:`Heartbeat`: the sender of the heartbeat learns the round-trip lag."""
 
@@ -186,6 +205,8 @@ Record: TypeAlias = (
     | SnapshotEnd
     | Heartbeat
     | HeartbeatAck
+    | Applied
+    | SnapshotRequest
 )
 
 
@@ -195,7 +216,7 @@ class DecodeErrorReason(enum.Enum):
     MAGIC = "magic"
     """The frame does not start with ``LBDS``."""
     VERSION = "version"
-    """Version is not 1."""
+    """Version is not :data:`VERSION`."""
     TYPE = "type"
     """Unknown frame type."""
     FLAGS = "flags"
@@ -238,6 +259,8 @@ class _T(enum.IntEnum):
     SNAPSHOT_END = 18
     HEARTBEAT = 19
     HEARTBEAT_ACK = 20
+    APPLIED = 21
+    SNAPSHOT_REQUEST = 22
 
 
 _SESSION = struct.Struct("!BIHIHIHBI")  # proto caddr cport vaddr vport raddr rport state idle_ms
@@ -245,7 +268,7 @@ _SESSION_GONE = struct.Struct("!BIHIH")  # proto caddr cport vaddr vport
 _BINDING = struct.Struct("!BIHIIHII")  # proto vaddr vport client_net raddr rport timeout idle
 _BINDING_GONE = struct.Struct("!BIHI")  # proto vaddr vport client_net
 _REPLY_SEEN = struct.Struct("!BIHIHB")  # proto caddr cport vaddr vport tcp_flags
-_HELLO = struct.Struct("!Q")  # boot_id, then the node name in UTF-8 (rest of the body)
+_HELLO = struct.Struct("!Q16s")  # boot_id, config digest, then the node name in UTF-8
 _SNAPSHOT_END = struct.Struct("!II")
 _HEARTBEAT = struct.Struct("!Q")
 
@@ -302,13 +325,19 @@ def _pack_record(rec: Record) -> bytes:
             name = rec.node.encode()
             if not 1 <= len(name) <= MAX_NODE_NAME:
                 raise ValueError(f"node name must be 1..{MAX_NODE_NAME} UTF-8 bytes")
-            return _HELLO.pack(rec.boot_id) + name
+            if len(rec.config_digest) != 16:
+                raise ValueError("config digest must be 16 bytes")
+            return _HELLO.pack(rec.boot_id, rec.config_digest) + name
         case SnapshotBegin():
             return b""
         case SnapshotEnd():
             return _SNAPSHOT_END.pack(rec.sessions, rec.bindings)
         case Heartbeat() | HeartbeatAck():
             return _HEARTBEAT.pack(rec.sent_at_ms)
+        case Applied():
+            return _HEARTBEAT.pack(rec.sequence)
+        case SnapshotRequest():
+            return b""
     raise TypeError(f"not a sync record: {rec!r}")  # pragma: no cover - typed callers
 
 
@@ -318,6 +347,8 @@ _SINGLE_TYPE: dict[type[Record], _T] = {
     SnapshotEnd: _T.SNAPSHOT_END,
     Heartbeat: _T.HEARTBEAT,
     HeartbeatAck: _T.HEARTBEAT_ACK,
+    Applied: _T.APPLIED,
+    SnapshotRequest: _T.SNAPSHOT_REQUEST,
 }
 
 
@@ -331,9 +362,12 @@ def _unpack_single(ftype: int, body: bytes) -> Record | DecodeErrorReason:
             node = body[_HELLO.size :].decode()
         except UnicodeDecodeError:
             return DecodeErrorReason.VALUE
-        return Hello(node, _HELLO.unpack_from(body)[0])
+        boot_id, digest = _HELLO.unpack_from(body)
+        return Hello(node, boot_id, digest)
     if ftype == _T.SNAPSHOT_BEGIN:
         return SnapshotBegin() if n == 0 else DecodeErrorReason.LENGTH
+    if ftype == _T.SNAPSHOT_REQUEST:
+        return SnapshotRequest() if n == 0 else DecodeErrorReason.LENGTH
     if ftype == _T.SNAPSHOT_END:
         if n != _SNAPSHOT_END.size:
             return DecodeErrorReason.LENGTH
@@ -341,6 +375,8 @@ def _unpack_single(ftype: int, body: bytes) -> Record | DecodeErrorReason:
     if n != _HEARTBEAT.size:
         return DecodeErrorReason.LENGTH
     (ms,) = _HEARTBEAT.unpack(body)
+    if ftype == _T.APPLIED:
+        return Applied(ms)
     return Heartbeat(ms) if ftype == _T.HEARTBEAT else HeartbeatAck(ms)
 
 

@@ -16,6 +16,7 @@ from ha.sync_codec import (
     HEADER_SIZE,
     MAX_BODY,
     SESSION_RECORD_SIZE,
+    VERSION,
     BindingGone,
     BindingRecord,
     DecodeError,
@@ -64,7 +65,7 @@ def _decode(data: bytes, key: bytes = KEY) -> list[Event]:
     return dec.events()
 
 
-def _raw_frame(ftype: int, seq: int, body: bytes, *, key: bytes = KEY, version: int = 1,
+def _raw_frame(ftype: int, seq: int, body: bytes, *, key: bytes = KEY, version: int = VERSION,
                flags: int = 0, magic: bytes = b"LBDS", length: int | None = None) -> bytes:
     """A frame built by hand, with a valid MAC, to reach the checks after the MAC."""
     size = len(body) if length is None else length
@@ -270,7 +271,7 @@ SESSION_BODY = struct.pack("!H", 1) + struct.pack("!BIHIHIHBI", 6, 1, 2, 3, 4, 5
     [
         (_raw_frame(19, 1, HEARTBEAT_BODY, magic=b"LBDX"), R.MAGIC),
         (b"GET / HTTP/1.1\r\n\r\n", R.MAGIC),
-        (_raw_frame(19, 1, HEARTBEAT_BODY, version=2), R.VERSION),
+        (_raw_frame(19, 1, HEARTBEAT_BODY, version=VERSION + 1), R.VERSION),
         (_raw_frame(99, 1, HEARTBEAT_BODY), R.TYPE),
         (_raw_frame(0, 1, HEARTBEAT_BODY), R.TYPE),
         (_raw_frame(19, 1, HEARTBEAT_BODY, flags=1), R.FLAGS),
@@ -279,8 +280,8 @@ SESSION_BODY = struct.pack("!H", 1) + struct.pack("!BIHIHIHBI", 6, 1, 2, 3, 4, 5
         (_raw_frame(19, 1, b""), R.LENGTH),
         (_raw_frame(17, 1, b"\0"), R.LENGTH),  # snapshot begin has no body
         (_raw_frame(18, 1, b"\0" * 7), R.LENGTH),
-        (_raw_frame(16, 1, struct.pack("!Q", 1)), R.LENGTH),  # hello without a name
-        (_raw_frame(16, 1, struct.pack("!Q", 1) + b"\xff\xfe"), R.VALUE),  # not UTF-8
+        (_raw_frame(16, 1, struct.pack("!Q16s", 1, b"")), R.LENGTH),  # hello without a name
+        (_raw_frame(16, 1, struct.pack("!Q16s", 1, b"") + b"\xff\xfe"), R.VALUE),  # not UTF-8
         (_raw_frame(1, 1, b""), R.LENGTH),  # no count
         (_raw_frame(1, 1, struct.pack("!H", 0)), R.LENGTH),  # empty batch
         (_raw_frame(1, 1, SESSION_BODY + b"\0"), R.LENGTH),  # one byte too many
@@ -305,7 +306,7 @@ def test_the_hand_built_frame_is_valid_when_nothing_is_wrong() -> None:
 
 def test_an_oversized_length_is_refused_before_its_body_arrives() -> None:
     dec = Decoder(KEY)
-    dec.feed(struct.pack("!4sBBHIQ", b"LBDS", 1, 1, 0, 0xFFFFFFFF, 1))
+    dec.feed(struct.pack("!4sBBHIQ", b"LBDS", VERSION, 1, 0, 0xFFFFFFFF, 1))
     assert dec.events() == [DecodeError(R.TOO_LONG, 0)]
 
 
