@@ -472,8 +472,14 @@ class SessionTable(Generic[S]):
         s = self._fwd.get(fkey)
         other = self._rev.get(rkey)
         if other is not None and other is not s:
-            self.conflict_drops += 1
-            return None
+            if not _CLOSING[other.state]:
+                self.conflict_drops += 1
+                return None
+            # The peer opened this flow over a closing session of another virtual server that
+            # held the server-side 5-tuple here (the client reused its port for the other VIP):
+            # its forwarder replaced that session (``Forwarder`` does the same), so this copy
+            # does too, or the flow's replies arriving here would find no session.
+            self.remove(other, "reused", now)
         if s is None:
             if len(self._fwd) >= self.max_sessions:
                 self.full_drops += 1

@@ -46,6 +46,11 @@ def env(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[LabEnv]:
         if failed is not None and failed.failed:
             for lbd in e.lbds:
                 print(f"--- {lbd.host} lbd log ---\n{lbd.log_text()}")
+                for what in ("status", "sync"):  # counters say where packets went
+                    try:
+                        print(f"--- {lbd.host} lbctl {what} ---\n{lbd.ctl(what)}")
+                    except Exception as exc:  # a dead lbd answers nothing
+                        print(f"--- {lbd.host} lbctl {what}: {exc}")
     finally:
         lab.close()
 

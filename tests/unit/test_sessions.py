@@ -155,6 +155,28 @@ def test_reverse_key_conflict_is_refused() -> None:
     assert (t.conflict_drops, len(t), a.active) == (1, 1, 1)
 
 
+@pytest.mark.parametrize(("held_by", "installed"), [
+    (TcpState.TIME_WAIT, True), (TcpState.CLOSE, True), (TcpState.FIN_WAIT, True),
+    (TcpState.ESTABLISHED, False), (TcpState.SYN_RECV, False),
+])
+def test_a_peer_record_replaces_a_closing_session_that_holds_its_reverse_key(
+    held_by: TcpState, installed: bool
+) -> None:
+    # The client reused its port for the other VIP and the peer's forwarder sent the new flow
+    # to the same server: its copy must replace the closing session here, as the peer did, or
+    # the new flow's replies through this node find no session.
+    t, rec = table()
+    (a,) = servers(1)
+    old = t.install(TCP, CLIENT, 40000, VIP, 80, a, SVC, held_by, 1.0, 1.0)
+    assert old is not None
+    new = t.install(TCP, CLIENT, 40000, VIP + 1, 80, a, SVC, TcpState.SYN_RECV, 2.0, 2.0)
+    assert (new is not None) is installed
+    assert t.conflict_drops == (0 if installed else 1)
+    assert t.lookup_reply(old.rkey) is (new if installed else old)
+    assert (len(t), a.active) == (1, 1)
+    assert rec.kinds() == (["added", "removed", "added"] if installed else ["added"])
+
+
 # --- TCP states ------------------------------------------------------------------------------
 
 IN, OUT = "in", "out"
