@@ -80,6 +80,7 @@ class Kernel:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="lbd-netlink")
         self._ipr: Any = None
         self._restore: dict[str, str] = {}  # sysctls changed by prepare(), their old values
+        self._changed: dict[str, str] = {}  # ... and the values lbd set
 
     @classmethod
     async def open(cls, *, route_table: int, rule_priority: int) -> Kernel:
@@ -142,25 +143,30 @@ class Kernel:
         """Sysctls the NAT path needs, in this namespace only, and RPS on the TUN.
         ``arp_interfaces``: where lbd answers ARP for addresses it holds (besides
         ``client_if``)."""
-        write_sysctl("net.ipv4.ip_forward", "1")
+        self.change_sysctl("net.ipv4.ip_forward", "1")
         self.disable_early_demux()
         # Rewritten client packets re-enter through the TUN with the client's source:
         # strict reverse-path filtering would drop them.
-        for dev in ("all", "default", tun, client_if, server_if):
+        for dev in ("all", "default", client_if, server_if):
+            self.change_sysctl(f"net.ipv4.conf.{dev}.rp_filter", "0", missing_ok=True)
+        for dev in ("all", server_if, client_if):
+            self.change_sysctl(f"net.ipv4.conf.{dev}.send_redirects", "0", missing_ok=True)
+        # The TUN device is lbd's own and goes away with it: its keys are not restored.
+        for key in ("rp_filter", "send_redirects"):
             with contextlib.suppress(OSError):
-                write_sysctl(f"net.ipv4.conf.{dev}.rp_filter", "0")
-        for dev in ("all", tun, server_if, client_if):
-            with contextlib.suppress(OSError):
-                write_sysctl(f"net.ipv4.conf.{dev}.send_redirects", "0")
+                write_sysctl(f"net.ipv4.conf.{tun}.{key}", "0")
         # The LB's own kernel sends 'fragmentation needed' to a VIP when a reply does not fit
         # the client side; translated, it re-enters through the TUN with the LB's own source
         # address, which the kernel drops as martian unless accept_local is on.
         write_sysctl(f"net.ipv4.conf.{tun}.accept_local", "1")
         # Answer ARP for held addresses at once instead of after a random proxy delay.
-        write_sysctl(f"net.ipv4.neigh.{client_if}.proxy_delay", "0")
+        self.change_sysctl(f"net.ipv4.neigh.{client_if}.proxy_delay", "0")
         for dev in set(arp_interfaces) - {client_if}:
-            with contextlib.suppress(OSError):  # a missing one is the VRRP start's error
-                write_sysctl(f"net.ipv4.neigh.{dev}.proxy_delay", "0")
+            # a missing one is the VRRP start's error
+            self.change_sysctl(f"net.ipv4.neigh.{dev}.proxy_delay", "0", missing_ok=True)
+        if self._restore:
+            log.info("sysctls set (restored at stop): %s", ", ".join(
+                f"{k} = {v} (was {self._restore[k]})" for k, v in self._changed.items()))
         with contextlib.suppress(OSError):
             write_sysctl(f"net.ipv6.conf.{tun}.disable_ipv6", "1")
         mask = cpu_mask(rps_cpus)
@@ -184,25 +190,43 @@ class Kernel:
         sockets on purpose; here early demux is off where lbd routes VIPs, which costs the
         box's own sockets one route lookup per packet and nothing else."""
         for key in ("net.ipv4.tcp_early_demux", "net.ipv4.udp_early_demux"):
-            path = Path("/proc/sys", *key.split("."))
-            try:
-                old = path.read_text().strip()
-                if old != "0":
-                    path.write_text("0")
-                    self._restore.setdefault(key, old)
-                    log.info("%s = 0 (was %s): local sockets left on a VIP must not swallow "
-                             "clients' packets", key, old)
-            except OSError as exc:
-                log.warning("cannot turn %s off: %s", key, exc)
+            if self.change_sysctl(key, "0"):
+                log.info("%s = 0 (was %s): local sockets left on a VIP must not swallow "
+                         "clients' packets", key, self._restore[key])
+
+    def change_sysctl(self, key: str, value: str, *, missing_ok: bool = False) -> bool:
+        """Set ``key`` to ``value`` and remember its old value, which :meth:`restore_sysctls`
+        (at close) puts back. True when it changed. An unwritable key is logged (or, with
+        ``missing_ok``, ignored when absent: an interface that does not exist)."""
+        path = Path("/proc/sys", *key.split("."))
+        try:
+            old = path.read_text().strip()
+            if old == value:
+                return False
+            path.write_text(value)
+        except FileNotFoundError:
+            if not missing_ok:
+                log.warning("cannot set %s = %s: no such sysctl", key, value)
+            return False
+        except OSError as exc:
+            log.warning("cannot set %s = %s: %s", key, value, exc)
+            return False
+        self._restore.setdefault(key, old)
+        self._changed[key] = value
+        return True
 
     def restore_sysctls(self) -> None:
-        """Put back what :meth:`disable_early_demux` changed."""
-        restore, self._restore = self._restore, {}
-        for key, value in restore.items():
+        """Put back every sysctl :meth:`change_sysctl` changed (in reverse order: forwarding
+        goes off first). A value lbd found already set is left alone, so a daemon started after
+        a killed one (which could not restore) leaves the host as the killed one set it."""
+        restore, self._restore, self._changed = self._restore, {}, {}
+        for key, value in reversed(restore.items()):
             try:
                 write_sysctl(key, value)
             except OSError as exc:
                 log.warning("cannot restore %s = %s: %s", key, value, exc)
+        if restore:
+            log.info("sysctls restored: %s", ", ".join(f"{k} = {v}" for k, v in restore.items()))
 
     def _set_link_up(self, ifname: str) -> int:
         idx = self._index(ifname)

@@ -21,9 +21,20 @@ def plumbing(env: LabEnv, host: str = "lba") -> dict[str, str]:
     }
 
 
+SYSCTLS = ("net.ipv4.ip_forward", "net.ipv4.conf.all.send_redirects",
+           "net.ipv4.tcp_early_demux", "net.ipv4.udp_early_demux")
+
+
+def sysctls(env: LabEnv, host: str = "lba") -> list[str]:
+    return env.lab.sh(host, "sysctl -n " + " ".join(SYSCTLS)).split()
+
+
 def test_sigterm_removes_everything(env: LabEnv) -> None:
     env.start_servers()
+    host_before = sysctls(env)
     lbd = env.lbd(configs.single())
+    assert sysctls(env) == ["1", "0", "0", "0"]  # what lbd sets: each differs from the default
+    assert host_before == ["0", "1", "1", "1"]
     p = plumbing(env)
     assert p["rules"].count("lookup 4711") == 3  # one reply rule per real server
     assert "dev lbtun0" in p["table"] and "dev lbtun0" in p["vip_route"]
@@ -33,6 +44,8 @@ def test_sigterm_removes_everything(env: LabEnv) -> None:
     assert int(rps.replace(",", ""), 16) != 0
     assert lbd.stop() == 0
     assert all(not v.strip() for v in plumbing(env).values()), plumbing(env)
+    assert sysctls(env) == host_before  # and the sysctls it changed are put back
+    assert "sysctls restored" in lbd.log_text()
 
 
 def test_restart_cleans_up_after_sigkill(env: LabEnv) -> None:
