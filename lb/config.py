@@ -260,6 +260,30 @@ class VrrpInstanceConfig:
         return round(self.advert_interval * 100)
 
 
+INSTANCE_FIXED_KEYS: Final = ("interface", "vrid", "addresses", "unicast_peers")
+"""Keys of ``[vrrp.instances.NAME]`` a reload cannot change (a new virtual router, a new
+socket): every other key of an instance reloads in place, without a state change."""
+
+
+def vrrp_restart_needed(old: Config, new: Config) -> list[str]:
+    """The key paths of a reload from ``old`` to ``new`` that need a restart on the VRRP side:
+    an instance added or removed, a key of :data:`INSTANCE_FIXED_KEYS` changed, the groups or
+    the gateway instance changed. Empty: the VRRP change (if any) reloads in place."""
+    paths: list[str] = []
+    before = {ic.name: ic for ic in old.vrrp_instances}
+    after = {ic.name: ic for ic in new.vrrp_instances}
+    for name in sorted(before.keys() ^ after.keys()):
+        paths.append(f"vrrp.instances.{name}")
+    for name in sorted(before.keys() & after.keys()):
+        paths += [f"vrrp.instances.{name}.{key}" for key in INSTANCE_FIXED_KEYS
+                  if getattr(before[name], key) != getattr(after[name], key)]
+    if old.vrrp_groups != new.vrrp_groups:
+        paths.append("vrrp.groups")
+    if old.gateway_instance != new.gateway_instance:
+        paths.append("vrrp.gateway")
+    return paths
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class VrrpGroupConfig:
     """``[vrrp.groups.NAME]``: instances that fail over together."""

@@ -31,7 +31,7 @@ from ha.sync_codec import load_key
 from ha.vrrp_machine import State
 from lb import opstate
 from lb.addr import endpoint, int_to_ip, ip_to_int
-from lb.config import Config, ConfigError, VrrpAddress, load_config
+from lb.config import Config, ConfigError, VrrpAddress, load_config, vrrp_restart_needed
 from lb.control import CommandError, ControlServer, Stream, parse_args
 from lb.dataplane import DataPlane
 from lb.forwarder import Forwarder, ServiceCounts
@@ -473,9 +473,9 @@ class Node:
             for line in exc.errors:
                 log.error("reload refused: %s", line)
             return exc.errors
-        fixed = ("dataplane", "node", "sessions", "metrics", "vrrp_instances", "vrrp_groups",
-                 "sync")
+        fixed = ("dataplane", "node", "sessions", "metrics", "sync")
         changed = [k for k in fixed if getattr(new, k) != getattr(self.config, k)]
+        changed += vrrp_restart_needed(self.config, new)
         if changed:
             msg = f"{new.source}: {', '.join(changed)}: changes need a restart; kept the old"
             self.reload_failures += 1
@@ -499,6 +499,9 @@ class Node:
         if new.standalone and self.owner is not None:
             await self.hold_vips()
         self._start_health()
+        if self.ha is not None:
+            for name in await self.ha.reconfigure(new):
+                log.info("instance %s: reloaded in place", name)
         self.reloads += 1
         log.info("reloaded %s: %d virtual servers", new.source, len(self.services.services))
         return []
