@@ -120,6 +120,7 @@ class SessionsConfig:
     """``[sessions]``: table size and idle timeouts, in seconds."""
 
     max_sessions: int = 1_048_576
+    max_half_open: int = 0  # 0: max_sessions // 8 (see lb.sessions.SessionTable)
     tcp_syn_timeout: float = 60.0  # "60s"
     tcp_established_timeout: float = 900.0  # "15m"
     tcp_fin_timeout: float = 120.0  # "2m"
@@ -565,6 +566,7 @@ def _sessions(t: _Table) -> SessionsConfig:
     positive = _duration(positive=True)
     sessions = SessionsConfig(
         max_sessions=t.get("max_sessions", _int(1), d.max_sessions),
+        max_half_open=t.get("max_half_open", _int(1), d.max_half_open),
         tcp_syn_timeout=t.get("tcp_syn_timeout", positive, d.tcp_syn_timeout),
         tcp_established_timeout=t.get(
             "tcp_established_timeout", positive, d.tcp_established_timeout

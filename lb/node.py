@@ -147,7 +147,8 @@ class Node:
         self.counts = ServiceCounts()
         self.sessions: SessionTable[Service] = SessionTable(
             session_timeouts(config), config.sessions.max_sessions,
-            tick=config.sessions.expiry_tick, observer=self.counts)
+            tick=config.sessions.expiry_tick, observer=self.counts,
+            max_half_open=config.sessions.max_half_open or None)
         self.persistence: PersistenceTable[Service] = PersistenceTable()
         hold = (ReplyHold(config.sync.reply_hold_timeout, config.sync.reply_hold_packets)
                 if config.sync is not None else None)
@@ -539,6 +540,8 @@ class Node:
             "uptime": round(time.time() - self.started, 3),
             "vrrp": {k: {"state": v["state"]} for k, v in self.vrrp_status().items()},
             "sessions": len(self.sessions),
+            "sessions_half_open": self.sessions.half_open,
+            "half_open_evicted": self.sessions.half_open_evictions,
             "persistence": len(self.persistence),
             "masters": sorted(self.roles.mastered),
             "demoted": self.runtime.operator.demoted,
