@@ -45,7 +45,7 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=0.0, help="SYN/s; 0: as fast as possible")
     ap.add_argument("--duration", type=float, default=5.0)
     ap.add_argument("--count", type=int, default=5_000_000)
-    ap.add_argument("--distinct", type=int, default=200_000,
+    ap.add_argument("--distinct", type=int, default=50_000,
                     help="distinct packets built (sent round robin)")
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args()
