@@ -40,7 +40,7 @@ from __future__ import annotations
 import enum
 import struct
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Final, Generic, Protocol, TypeVar
 
 from lb.persistence import Binding
@@ -183,9 +183,9 @@ class SessionTimeouts:
     udp: float = 300.0  # and every other non-TCP protocol
 
     def __post_init__(self) -> None:
-        for name in self.__slots__:
-            if getattr(self, name) <= 0:
-                raise ValueError(f"timeout {name} must be positive")
+        for f in fields(self):  # (not __slots__: mypyc-compiled classes have none)
+            if getattr(self, f.name) <= 0:
+                raise ValueError(f"timeout {f.name} must be positive")
 
     def timeout(self, state: int) -> float:
         """The idle timeout of a session in ``state``."""
