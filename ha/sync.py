@@ -181,6 +181,7 @@ class SyncService:
             "lag_seconds": round(self.lag, 6),
             "unacked": self.unacked,
             "oldest_unacked_seconds": round(self.oldest_unacked_seconds, 6),
+            "connects": self.connects,
             "records_sent": self.records_sent, "snapshots_sent": self.snapshots_sent,
             "snapshot_requests_sent": self.snapshot_requests_sent,
             "snapshot_requests_received": self.snapshot_requests_received,

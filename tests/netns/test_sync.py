@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from lab.topology import SERVERS, VIP, wait_until
+from lab.topology import LB_SYNC, SERVERS, VIP, wait_until
 from tests.netns import configs
 from tests.netns.harness import LabEnv, Lbd
 from tests.netns.helpers import Holder, cut_vrrp
@@ -94,15 +94,16 @@ def test_restarted_master_waits_for_the_table_before_preempting(env: LabEnv) -> 
 
 
 def test_forged_sync_frames_are_refused(env: LabEnv) -> None:
-    """A node with the wrong key cannot feed the backup: its frames are refused and counted."""
+    """A node with the wrong key cannot feed the backup: its handshake is refused, counted."""
     a, b = start_synced_pair(env)
     a.stop(signal.SIGKILL)
     wrong = Path(env.tmp / "wrong.key")
     wrong.write_text("not the shared secret at all!\n")
     a.config.write_text(a.config.read_text().replace(str(env.tmp / "sync.key"), str(wrong)))
     a.start()
-    wait_until(lambda: b.ctl("sync")["errors"].get("mac", 0) >= 1, timeout=10,
-               what="lbb to refuse lba's frames")
+    wait_until(lambda: b.ctl("sync")["errors"].get("handshake_proof", 0) >= 1, timeout=10,
+               what="lbb to refuse lba's handshake")
+    assert "handshake proof does not match" in b.log_text()
     assert states(b)["front"] in {"MASTER", "BACKUP"}
     assert b.proc is not None and b.proc.poll() is None
 
@@ -117,8 +118,9 @@ def test_split_brain_heals_and_the_backup_takes_the_masters_table(env: LabEnv) -
         wait_states(b, "MASTER", timeout=5)  # both masters now; each ignores the other's stream
         cut_vrrp(env, False)
         wait_states(b, "BACKUP", timeout=5)
-        # The demoted node asked for a fresh snapshot (by dropping the stream it receives on);
-        # its table is the master's again, and a failover now keeps the client's connection.
+        # The demoted node asked for a fresh snapshot (a SnapshotRequest on the stream it
+        # receives on, which stays up); its table is the master's again, and a failover now
+        # keeps the client's connection.
         wait_until(lambda: b.ctl("sync")["snapshots_received"] > snapshots
                    and b.ctl("sync")["peer_snapshot_done"]
                    and (client, server) in web_sessions(b), timeout=10,
@@ -128,3 +130,39 @@ def test_split_brain_heals_and_the_backup_takes_the_masters_table(env: LabEnv) -
         assert holder.send() == ["data"]
     finally:
         holder.close()
+
+
+def test_a_replayed_connection_is_refused_and_installs_nothing(env: LabEnv) -> None:
+    """Record a genuine connection to lba (right key, one record), replay its bytes: lba has
+    seen its CHALLENGE's nonce, lbb never did but its own fresh nonce makes the recorded
+    CONFIRM wrong. Both refuse before any frame, and the real pair is not disturbed."""
+    a, b = start_synced_pair(env)
+    recorded = env.tmp / "recorded.bin"
+    got = env.python("lbb", "tests.netns.sync_replay", "record", LB_SYNC["lba"], "7411",
+                     "--key-file", str(env.tmp / "sync.key"), "--out", str(recorded))
+    assert got["applied"] >= 1  # the genuine connection's record was applied ...
+    before = a.ctl("sync")
+    assert before["skipped"].get("unknown_service", 0) >= 1  # ... and changed no table
+    sessions = len(a.ctl("sessions"))
+    connects = (a.ctl("sync")["connects"], b.ctl("sync")["connects"])
+    b_received = b.ctl("sync")["records_received"]
+
+    got = env.python("lbb", "tests.netns.sync_replay", "replay", LB_SYNC["lba"], "7411",
+                     "--file", str(recorded))
+    assert got == {"answered": 0, "closed": True}
+    wait_until(lambda: a.ctl("sync")["errors"].get("handshake_nonce_reused", 0) == 1,
+               timeout=5, what="lba to refuse the replayed challenge")
+    got = env.python("lba", "tests.netns.sync_replay", "replay", LB_SYNC["lbb"], "7411",
+                     "--file", str(recorded))
+    assert got == {"answered": 0, "closed": True}  # the CONFIRM came with it: no RESPONSE
+    wait_until(lambda: b.ctl("sync")["errors"].get("handshake_proof", 0) == 1,
+               timeout=5, what="lbb to refuse the replayed confirm")
+
+    after = a.ctl("sync")
+    assert after["records_received"] == before["records_received"]
+    assert after["skipped"] == before["skipped"]
+    assert len(a.ctl("sessions")) == sessions
+    assert b.ctl("sync")["records_received"] == b_received
+    assert "a replayed connection" in a.log_text()
+    assert (a.ctl("sync")["connects"], b.ctl("sync")["connects"]) == connects
+    assert a.ctl("sync")["connected"] and b.ctl("sync")["connected"]
