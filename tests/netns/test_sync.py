@@ -18,7 +18,7 @@ import pytest
 from lab.topology import LB_SYNC, SERVERS, VIP, wait_until
 from tests.netns import configs
 from tests.netns.harness import LabEnv, Lbd
-from tests.netns.helpers import Holder, cut_vrrp
+from tests.netns.helpers import Holder, cut_vrrp, metric, scrape
 from tests.netns.test_vrrp import states, wait_states
 
 pytestmark = pytest.mark.topology(pair=True)
@@ -63,6 +63,9 @@ def test_client_mid_session_survives_master_death(env: LabEnv) -> None:
         (client, server), = web_sessions(a)
         wait_until(lambda: (client, server) in web_sessions(b), timeout=5,
                    what="the session to reach the backup")
+        # lba knows lbb applied it: nothing left unacknowledged.
+        wait_until(lambda: a.ctl("sync")["unacked"] == 0, timeout=5,
+                   what="lbb to acknowledge the session")
         assert answers(env, 3) == {NAME_OF[server]: 3}  # persistence pins c1 to that server
         a.stop(signal.SIGKILL)
         wait_states(b, "MASTER", timeout=5)
@@ -114,6 +117,7 @@ def test_split_brain_heals_and_the_backup_takes_the_masters_table(env: LabEnv) -
     try:
         (client, server), = web_sessions(a)
         snapshots = b.ctl("sync")["snapshots_received"]
+        connects = a.ctl("sync")["connects"]
         cut_vrrp(env, True)
         wait_states(b, "MASTER", timeout=5)  # both masters now; each ignores the other's stream
         cut_vrrp(env, False)
@@ -125,6 +129,9 @@ def test_split_brain_heals_and_the_backup_takes_the_masters_table(env: LabEnv) -
                    and b.ctl("sync")["peer_snapshot_done"]
                    and (client, server) in web_sessions(b), timeout=10,
                    what="lbb to take lba's table again")
+        assert b.ctl("sync")["snapshot_requests_sent"] >= 1
+        assert a.ctl("sync")["snapshot_requests_received"] >= 1
+        assert a.ctl("sync")["connects"] == connects  # asked for, not reconnected
         a.stop(signal.SIGKILL)
         wait_states(b, "MASTER", timeout=5)
         assert holder.send() == ["data"]
@@ -166,3 +173,28 @@ def test_a_replayed_connection_is_refused_and_installs_nothing(env: LabEnv) -> N
     assert "a replayed connection" in a.log_text()
     assert (a.ctl("sync")["connects"], b.ctl("sync")["connects"]) == connects
     assert a.ctl("sync")["connected"] and b.ctl("sync")["connected"]
+
+
+def test_a_config_mismatch_is_shown_and_logged_once(env: LabEnv) -> None:
+    """lbb reloads with another scheduler for dns: allowed, but both nodes show it (lbctl sync,
+    metric) and log it once; reloading back makes them match again."""
+    a, b = start_synced_pair(env)
+    assert a.ctl("sync")["peer_config_match"] is True
+    assert metric(scrape(env, "lba"), "lbd_sync_peer_config_match") == 1
+    same = b.config.read_text()
+    block = 'protocol = "udp"\npool = "dns"\nscheduler = "rr"'
+    assert block in same
+    b.config.write_text(same.replace(block, block.replace('"rr"', '"wrr"')))
+    b.ctl("reload")
+    for lbd in (a, b):
+        wait_until(lambda lbd=lbd: lbd.ctl("sync")["peer_config_match"] is False,  # type: ignore[misc]
+                   timeout=5, what=f"{lbd.host} to see the mismatch")
+    assert metric(scrape(env, "lba"), "lbd_sync_peer_config_match") == 0
+    assert a.ctl("sync")["connected"] and b.ctl("sync")["connected"]
+    for lbd in (a, b):
+        assert lbd.log_text().count("has other virtual servers or pools") == 1
+    b.config.write_text(same)
+    b.ctl("reload")
+    for lbd in (a, b):
+        wait_until(lambda lbd=lbd: lbd.ctl("sync")["peer_config_match"] is True,  # type: ignore[misc]
+                   timeout=5, what=f"{lbd.host} to see the configs match again")
