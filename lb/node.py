@@ -239,6 +239,7 @@ class Node:
         rep = Replicator(self.sessions, self.persistence, lambda: self.services,
                          time.monotonic, on_installed=self._installed)
         self.sync = SyncService(cfg.sync, key, cfg.node.name, rep,
+                                config_digest=cfg.service_digest(),
                                 masters_any=lambda: self.roles.masters_any,
                                 on_snapshot=self._peer_snapshot)
         rep.wake = self.sync.kick
@@ -491,6 +492,8 @@ class Node:
             log.warning("operator state: %s", note)
         self.forwarder.set_services(self.services)
         self.config = new
+        if self.sync is not None:  # the peer sees whether our services still match its own
+            self.sync.set_config_digest(new.service_digest())
         if notes:
             await self._save_operator_state()
         self._arm_ramp()
