@@ -45,6 +45,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from ha.replication import Replicator
 from ha.sync_codec import (
+    MAX_BODY,
     Applied,
     DecodeError,
     Decoder,
@@ -52,6 +53,7 @@ from ha.sync_codec import (
     Heartbeat,
     HeartbeatAck,
     Hello,
+    OperatorStateRecord,
     Record,
     SnapshotEnd,
     SnapshotRequest,
@@ -81,6 +83,8 @@ class SyncService:
                  config_digest: bytes = bytes(16),
                  masters_any: Callable[[], bool] = lambda: False,
                  on_snapshot: Callable[[], None] = lambda: None,
+                 operator_state: Callable[[], bytes] = lambda: b"",
+                 on_operator_state: Callable[[bytes], None] = lambda data: None,
                  clock: Callable[[], float] = time.monotonic,
                  nonce: Callable[[int], bytes] = os.urandom) -> None:
         self.cfg = cfg
@@ -93,6 +97,9 @@ class SyncService:
         self.rep = replicator
         self.masters_any = masters_any
         self.on_snapshot = on_snapshot  # a complete snapshot from the peer was applied
+        # Operator state (lb.opstate, encoded): ours to send, the peer's to judge and apply.
+        self.operator_state = operator_state
+        self.on_operator_state = on_operator_state
         self.clock = clock
         self.boot_id = int(time.time() * 1000) & 0xFFFFFFFF
         self._writer: asyncio.StreamWriter | None = None
@@ -228,6 +235,20 @@ class SyncService:
             log.info("sync: sent a snapshot of %d sessions and %d bindings", end.sessions,
                      end.bindings)
 
+    def send_operator_state(self) -> None:
+        """Send this node's operator state (on connect, and after every operator change);
+        the peer keeps whichever of the two was changed last."""
+        data = self.operator_state()
+        if not data or self._writer is None:
+            return
+        if len(data) > MAX_BODY:
+            self._count(self.errors, "operator_state_too_large")
+            log.error("sync: operator state of %d bytes does not fit one frame (%d): not sent",
+                      len(data), MAX_BODY)
+            return
+        self._flush()
+        self._send([OperatorStateRecord(data)])
+
     def resync(self) -> None:
         """This node lost an instance (preempted, or a healed split brain): its copy may
         differ from the new owner's table. Ask the peer for a fresh snapshot, which replaces
@@ -303,6 +324,7 @@ class SyncService:
         log.warning("sync: connected to %s", self.cfg.peer)
         self._send([self._hello()])
         self.send_snapshot()
+        self.send_operator_state()
         decoder = Decoder(keys.receive)
         decoder.feed(hs.leftover)
         await self._outbound_session(reader, decoder)
@@ -396,6 +418,8 @@ class SyncService:
                     elif isinstance(ev, Hello):
                         self._peer_hello(ev, first=not hello)
                         hello = True
+                    elif isinstance(ev, OperatorStateRecord):
+                        self.on_operator_state(ev.state)
                     else:
                         self._apply(ev)
                 if decoder.sequence > acked:

@@ -48,7 +48,7 @@ from tests.fuzz.targets import Target
 
 KEY = b"fuzz-sync-key-0123456789abcdef"
 _HEADER = struct.Struct("!4sBBHIQ")
-TYPES = (1, 2, 3, 4, 5, 16, 17, 18, 19, 20, 21, 22)
+TYPES = (1, 2, 3, 4, 5, 16, 17, 18, 19, 20, 21, 22, 23)
 
 
 def signed_frame(ftype: int, seq: int, body: bytes, key: bytes = KEY) -> bytes:

@@ -28,6 +28,7 @@ from ha.sync_codec import (
     Heartbeat,
     HeartbeatAck,
     Hello,
+    OperatorStateRecord,
     Record,
     SessionGone,
     SessionRecord,
@@ -62,6 +63,8 @@ ONE_OF_EACH: list[Record] = [
     Applied(1),
     Applied(2**64 - 1),
     SnapshotRequest(),
+    OperatorStateRecord(b'{"format":1}'),
+    OperatorStateRecord(bytes(range(256)) * 256),  # MAX_BODY: the largest that fits
 ]
 
 
@@ -366,6 +369,8 @@ def test_a_refused_batch_yields_none_of_its_records() -> None:
         SnapshotEnd(-1, 0),
         Heartbeat(2**64),
         Applied(-1),
+        OperatorStateRecord(b""),
+        OperatorStateRecord(bytes(65537)),
     ],
 )
 def test_the_encoder_refuses_out_of_range_fields_and_keeps_its_sequence(record: Record) -> None:
@@ -410,6 +415,7 @@ records_st: st.SearchStrategy[Record] = st.one_of(
     st.builds(HeartbeatAck, u64),
     st.builds(Applied, u64),
     st.just(SnapshotRequest()),
+    st.binary(min_size=1, max_size=64).map(OperatorStateRecord),
 )
 
 

@@ -221,3 +221,25 @@ def test_a_replayed_connection_is_refused_and_installs_nothing() -> None:
         finally:
             await a.stop()
     run(main)
+
+
+def test_operator_state_goes_to_the_peer_on_connect_and_on_every_change() -> None:
+    async def main() -> None:
+        a, b = await pair()
+        got: list[bytes] = []
+        state = [b"first"]
+        a.operator_state = lambda: state[0]
+        b.on_operator_state = got.append
+        try:
+            await until(lambda: a.status()["connected"] and b.status()["connected"], "connected")
+            await until(lambda: got == [b"first"], "the state sent after the snapshot")
+            state[0] = b"second"
+            a.send_operator_state()
+            await until(lambda: got == [b"first", b"second"], "the changed state")
+            a.operator_state = lambda: b""  # nothing to say: nothing sent
+            a.send_operator_state()
+            await until(lambda: a.unacked == 0, "acknowledgements")
+            assert got == [b"first", b"second"]
+        finally:
+            await stop(a, b)
+    run(main)
