@@ -18,6 +18,7 @@ import struct
 import time
 
 import lb.forwarder
+from lab.malformed import checksum
 from lb.config import parse_config
 from lb.forwarder import Forwarder, ServiceCounts
 from lb.packet import VNET_HDR_LEN
@@ -29,24 +30,15 @@ VIP = "198.51.100.10"
 SERVERS = ("198.18.0.11", "198.18.0.12", "198.18.0.13")
 
 
-def _sum16(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return s
-
-
 def tcp_packet(src: str, sport: int, dst: str, dport: int, flags: int, payload: bytes = b"",
                seq: int = 1000, ack: int = 0) -> bytes:
     s, d = socket.inet_aton(src), socket.inet_aton(dst)
     tcp = struct.pack("!HHIIBBHHH", sport, dport, seq, ack, 5 << 4, flags, 64240, 0, 0) + payload
     pseudo = s + d + struct.pack("!BBH", 0, socket.IPPROTO_TCP, len(tcp))
-    tcp = tcp[:16] + struct.pack("!H", ~_sum16(pseudo + tcp) & 0xFFFF) + tcp[18:]
+    tcp = tcp[:16] + struct.pack("!H", checksum(pseudo + tcp)) + tcp[18:]
     ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0x4000, 64, socket.IPPROTO_TCP,
                      0, s, d)
-    ip = ip[:10] + struct.pack("!H", ~_sum16(ip) & 0xFFFF) + ip[12:]
+    ip = ip[:10] + struct.pack("!H", checksum(ip)) + ip[12:]
     return bytes(VNET_HDR_LEN) + ip + tcp
 
 

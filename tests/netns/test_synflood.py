@@ -16,6 +16,8 @@ which this defence does not address.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from subprocess import Popen
 from typing import Any
 
 import pytest
@@ -36,6 +38,17 @@ def sessions_by_state(lbd: Lbd, state: str) -> int:
     return sum(1 for s in lbd.ctl("sessions", "--state", state, "--limit", "100000"))
 
 
+def flood_then_load(env: LabEnv, arrived: Callable[[], bool]) -> tuple[Popen[str], Popen[str]]:
+    """Start the flood from c2, wait until ``arrived`` says lbd sees it, then the paced GET
+    loop from c1; both run on, :func:`result` reads them."""
+    flood = spawn_lab(env, "c2", "lab.synflood", VIP, "--port", "80", "--rate",
+                      str(FLOOD_RATE), "--duration", str(FLOOD_SECONDS))
+    wait_until(arrived, timeout=15, what="the flood to reach lbd")
+    load = spawn_lab(env, "c1", "lab.client", "load", URL, "--rate", str(LOAD_RATE),
+                     "--duration", str(LOAD_SECONDS), "--timeout", "3")
+    return flood, load
+
+
 def test_real_clients_connect_through_a_syn_flood(env: LabEnv) -> None:
     env.start_servers()
     lbd = env.lbd(configs.single(sessions="max_sessions = 20000\nmax_half_open = 10000"))
@@ -43,14 +56,9 @@ def test_real_clients_connect_through_a_syn_flood(env: LabEnv) -> None:
                        "--timeout", "5")
     wait_until(lambda: sessions_by_state(lbd, "ESTABLISHED") >= 1, timeout=5,
                what="the stream's session")
-    flood = spawn_lab(env, "c2", "lab.synflood", VIP, "--port", "80", "--rate",
-                      str(FLOOD_RATE), "--duration", str(FLOOD_SECONDS))
-    wait_until(lambda: lbd.ctl("status")["half_open_evicted"] > 0, timeout=15,
-               what="the flood to fill the half-open slots")
-    load: Any = spawn_lab(env, "c1", "lab.client", "load", URL, "--rate", str(LOAD_RATE),
-                          "--duration", str(LOAD_SECONDS), "--timeout", "3")
+    flood, load = flood_then_load(env, lambda: lbd.ctl("status")["half_open_evicted"] > 0)
     during = lbd.ctl("status")  # the control socket answers through the flood
-    got = result(load)
+    got: Any = result(load)
     sent = result(flood)
     streamed = result(stream)
     after = lbd.ctl("status")
@@ -79,13 +87,8 @@ def test_a_syn_flood_through_the_master_causes_no_failover(env: LabEnv) -> None:
                timeout=10, what="lbb to be backup")
     moves = {lbd.host: {n: v["transitions"] for n, v in lbd.ctl("vrrp").items()}
              for lbd in (a, b)}
-    flood = spawn_lab(env, "c2", "lab.synflood", VIP, "--port", "80", "--rate",
-                      str(FLOOD_RATE), "--duration", str(FLOOD_SECONDS))
-    wait_until(lambda: a.ctl("status")["sessions_half_open"] > 1000, timeout=15,
-               what="the flood to reach the master")
-    load: Any = spawn_lab(env, "c1", "lab.client", "load", URL, "--rate", str(LOAD_RATE),
-                          "--duration", str(LOAD_SECONDS), "--timeout", "3")
-    got = result(load)
+    flood, load = flood_then_load(env, lambda: a.ctl("status")["sessions_half_open"] > 1000)
+    got: Any = result(load)
     sent = result(flood)
     print(f"flood {sent}, legit {got}")
     assert sent["sent"] > FLOOD_RATE * (FLOOD_SECONDS - 2)
