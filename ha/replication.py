@@ -132,18 +132,22 @@ class Replicator:
         return out
 
     def snapshot(self) -> Iterator[list[Record]]:
-        """The owned tables in chunks: SnapshotBegin, bindings, sessions, SnapshotEnd."""
+        """The owned tables in chunks: SnapshotBegin, bindings, sessions, SnapshotEnd. The
+        chunks may be taken across event-loop iterations (the tables change meanwhile): a
+        session removed before its chunk is built is left out."""
         chunk: list[Record] = [SnapshotBegin()]
         n_b = n_s = 0
-        for b in self.persistence:
+        # Copies of the tables: the transport sends chunk by chunk while the tables change.
+        for b in list(self.persistence):
             if b.service.owned:
                 chunk.append(self._binding_record(b))
                 n_b += 1
                 if len(chunk) >= SNAPSHOT_CHUNK:
                     yield chunk
                     chunk = []
-        for s in self.sessions:
-            if s.service.owned:
+        lookup = self.sessions.lookup
+        for s in list(self.sessions):
+            if s.service.owned and lookup(s.fkey) is s:  # not removed since the copy
                 chunk.append(self._session_record(s))
                 n_s += 1
                 if len(chunk) >= SNAPSHOT_CHUNK:

@@ -105,6 +105,8 @@ class SyncService:
         self._writer: asyncio.StreamWriter | None = None
         self._encoder: Encoder | None = None
         self._flush_scheduled = False
+        self._snapshot_task: asyncio.Task[None] | None = None  # a snapshot being sent
+        self._snapshot_again = False  # asked for another while one was being sent
         self._tasks: list[asyncio.Task[None]] = []
         self._server: asyncio.AbstractServer | None = None
         self._inbound: dict[asyncio.StreamWriter, Encoder] = {}  # after the handshake
@@ -222,18 +224,40 @@ class SyncService:
             self._drop_outbound("peer too slow: backlog over limit")
 
     def send_snapshot(self) -> None:
-        """Send the owned tables in full (on connect, and when the peer asks)."""
-        if self._writer is None:
+        """Send the owned tables in full (on connect, and when the peer asks), in the
+        background: chunk by chunk, waiting for the socket to drain after each, so that a
+        million sessions neither hold the event loop (VRRP shares it) nor pile up past
+        MAX_BACKLOG. Records of changes meanwhile go out between the chunks; the peer
+        counts them as carried by the snapshot. A request during a snapshot sends another
+        one after it."""
+        writer = self._writer
+        if writer is None:
             return
-        self._flush()
-        end: Record | None = None
-        for chunk in self.rep.snapshot():
-            self._send(chunk)
-            end = chunk[-1]
-        self.snapshots_sent += 1
-        if isinstance(end, SnapshotEnd):
-            log.info("sync: sent a snapshot of %d sessions and %d bindings", end.sessions,
-                     end.bindings)
+        if self._snapshot_task is not None and not self._snapshot_task.done():
+            self._snapshot_again = True
+            return
+        self._snapshot_task = asyncio.get_running_loop().create_task(self._snapshot(writer))
+
+    async def _snapshot(self, writer: asyncio.StreamWriter) -> None:
+        again = True
+        while again:
+            self._snapshot_again = False
+            self._flush()
+            end: Record | None = None
+            for chunk in self.rep.snapshot():
+                if self._writer is not writer:
+                    return  # the connection is gone: the next one sends its own
+                self._send(chunk)
+                end = chunk[-1]
+                try:
+                    await writer.drain()
+                except (ConnectionError, OSError):
+                    return
+            self.snapshots_sent += 1
+            if isinstance(end, SnapshotEnd):
+                log.info("sync: sent a snapshot of %d sessions and %d bindings",
+                         end.sessions, end.bindings)
+            again = self._snapshot_again
 
     def send_operator_state(self) -> None:
         """Send this node's operator state (on connect, and after every operator change);
@@ -371,6 +395,9 @@ class SyncService:
 
     def _drop_outbound(self, why: str) -> None:
         self.rep.connected = False
+        if self._snapshot_task is not None:
+            self._snapshot_task.cancel()
+            self._snapshot_task = None
         if self._writer is not None:
             self._writer.close()
             self._writer = self._encoder = None
