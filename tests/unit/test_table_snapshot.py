@@ -296,15 +296,15 @@ def test_roundtrip_property(items: list[tuple[int, int, int, int, RealServer, in
     got = {(s.proto, s.caddr, s.cport, s.vaddr, s.vport): s for s in out.sessions}
     assert want.keys() <= got.keys()
     for key, (raddr, rport, state, idle, binding) in want.items():
-        s = got[key]
-        assert (s.raddr, s.rport, s.state) == (raddr, rport, state)
-        assert abs(s.idle - idle) < 0.002
-        assert abs(s.remaining - (TIMEOUTS.timeout(state) - s.idle)) < 1e-9
+        r = got[key]
+        assert (r.raddr, r.rport, r.state) == (raddr, rport, state)
+        assert abs(r.idle - idle) < 0.002
+        assert abs(r.remaining - (TIMEOUTS.timeout(state) - r.idle)) < 1e-9
         if binding is None:
-            assert s.binding is None
+            assert r.binding is None
         else:
-            assert s.binding is not None
-            rb = out.bindings[s.binding]
+            assert r.binding is not None
+            rb = out.bindings[r.binding]
             assert (rb.client_net, rb.raddr, rb.rport) == (binding.client_net,
                                                            binding.server.addr,
                                                            binding.server.port)
