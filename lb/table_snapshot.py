@@ -47,8 +47,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
-from lb.persistence import Binding
-from lb.sessions import IPPROTO_TCP, Session, SessionTimeouts, TcpState
+from lb.persistence import Binding, PersistenceTable
+from lb.services import Service, ServiceSet, service_key
+from lb.sessions import IPPROTO_TCP, Session, SessionTable, SessionTimeouts, TcpState
 
 __all__ = [
     "BINDING_SIZE",
@@ -58,6 +59,7 @@ __all__ = [
     "NO_BINDING",
     "SESSION_SIZE",
     "VERSION",
+    "Installed",
     "LoadError",
     "LoadErrorReason",
     "Restored",
@@ -66,6 +68,7 @@ __all__ = [
     "SnapshotWriter",
     "decode",
     "encode",
+    "install",
 ]
 
 MAGIC: Final = b"LBDT"
@@ -354,3 +357,67 @@ def _sessions(body: memoryview, nb: int, age: float, timeouts: SessionTimeouts
             used.add(bi)
             out.append(SavedSession(p, ca, cp, va, vp, ra, rp, st, idle, remaining, bi))
     return out, expired, used
+
+
+# --- installing ---------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Installed:
+    """What :func:`install` put in the tables, and what it could not, by reason."""
+
+    sessions: list[Session[Service]]
+    bindings: list[Binding[Service]]
+    skipped: dict[str, int]
+
+
+def install(restored: Restored, sessions: SessionTable[Service],
+            persistence: PersistenceTable[Service], services: ServiceSet,
+            now: float) -> Installed:
+    """Put the restored entries in the tables as a peer's snapshot would (same server, the
+    idle age it had, the tables' monotonic ``now``): bindings first, then the sessions that
+    hold them. An entry whose virtual server or real server is gone (an operator removed it
+    at run time) or that the table refuses (full, reverse key taken) is skipped and counted.
+    Who owns what is not decided here: the node marks the entries provisional for the
+    replication (:meth:`ha.replication.Replicator.restored`)."""
+    skipped: dict[str, int] = {}
+
+    def skip(reason: str) -> None:
+        skipped[reason] = skipped.get(reason, 0) + 1
+
+    by_key = services.by_key
+    objs: list[Binding[Service] | None] = []
+    got_b: list[Binding[Service]] = []
+    for rb in restored.bindings:
+        svc = by_key.get(service_key(rb.proto, rb.vaddr, rb.vport))
+        server = svc.pool.find(rb.raddr, rb.rport) if svc is not None else None
+        b = None
+        if svc is None:
+            skip("unknown_service")
+        elif server is None:
+            skip("unknown_server")
+        else:
+            b = persistence.install(svc, rb.client_net, server, rb.timeout, now - rb.idle, now)
+            if b is None:
+                skip("table_refused")
+            else:
+                got_b.append(b)
+        objs.append(b)
+    got_s: list[Session[Service]] = []
+    for rs in restored.sessions:
+        svc = by_key.get(service_key(rs.proto, rs.vaddr, rs.vport))
+        if svc is None:
+            skip("unknown_service")
+            continue
+        server = svc.pool.find(rs.raddr, rs.rport)
+        if server is None:
+            skip("unknown_server")
+            continue
+        binding = objs[rs.binding] if rs.binding is not None else None
+        s = sessions.install(rs.proto, rs.caddr, rs.cport, rs.vaddr, rs.vport, server, svc,
+                             rs.state, now - rs.idle, now, binding)
+        if s is None:
+            skip("table_refused")
+        else:
+            got_s.append(s)
+    return Installed(got_s, got_b, skipped)
