@@ -54,6 +54,8 @@ from lb.runtime import Refused, ServerRuntime
 from lb.servers import AdminState, RealServer, candidates
 from lb.services import Service, ServiceSet, build_services
 from lb.sessions import Session, SessionTable, SessionTimeouts
+from lb.snapshot_store import SnapshotStore
+from lb.table_snapshot import Installed
 from lb.tun import open_tun
 
 log = logging.getLogger("lbd")
@@ -149,6 +151,11 @@ class Node:
             session_timeouts(config), config.sessions.max_sessions,
             tick=config.sessions.expiry_tick, observer=self.counts)
         self.persistence: PersistenceTable[Service] = PersistenceTable()
+        # The tables on local disk: loaded at start, written every snapshot_interval.
+        self.snapshots = SnapshotStore(config.node.state_dir, config.service_digest(),
+                                       config.sessions.snapshot_interval, self.sessions,
+                                       self.persistence)
+        self._restored: Installed | None = None  # until the replication marks it provisional
         hold = (ReplyHold(config.sync.reply_hold_timeout, config.sync.reply_hold_packets)
                 if config.sync is not None else None)
         self.forwarder = Forwarder(self.services, self.sessions, self.persistence, hold=hold)
@@ -180,6 +187,9 @@ class Node:
         cfg = self.config
         self.loop = asyncio.get_running_loop()
         await self._load_operator_state()
+        # Before the data plane and VRRP: restored sessions belong to no one until a role
+        # says (they are installed as a peer's snapshot would be).
+        self._restored = self.snapshots.load(self.services, time.monotonic(), time.time())
         dp = cfg.dataplane
         self.kernel = await Kernel.open(route_table=dp.route_table,
                                         rule_priority=dp.rule_priority)
@@ -206,6 +216,7 @@ class Node:
                                                         self._extra_counters))
         self.collector.sources.append(lambda: self.check_stats.metrics(lambda: self.monitor))
         self.collector.sources.append(self._node_gauges)
+        self.collector.sources.append(self.snapshots.metrics)
         self.control = ControlServer(cfg.node.control_socket, self.control_handlers())
         await self.control.start()
         if cfg.metrics.listen is not None:
@@ -226,6 +237,8 @@ class Node:
                             "peer advertises, until lbctl promote")
             await self.ha.start()
             self.collector.sources.append(self.ha.metrics)
+        self._restored = None
+        self.snapshots.start()
         log.info("lbd node %s started: %d virtual servers, %d pools", cfg.node.name,
                  len(self.services.services), len(self.services.pools))
 
@@ -242,6 +255,8 @@ class Node:
                                 on_snapshot=self._peer_snapshot)
         rep.wake = self.sync.kick
         self.replicator = rep
+        if self._restored is not None:  # provisional until the peer or a takeover confirms
+            rep.restored(self._restored.sessions, self._restored.bindings)
         self.counts.downstream = rep
         self.persistence.observer = rep
         self.forwarder.peer = rep
@@ -264,6 +279,7 @@ class Node:
             await self.monitor.stop()
         if self.dataplane is not None:
             self.dataplane.stop()
+        await self.snapshots.stop()  # the tables as the data plane left them
         if self.owner is not None:
             await self.owner.release_all()
         if self.kernel is not None:
@@ -349,6 +365,8 @@ class Node:
 
                 n = self.sessions.refresh(of_instance, now)
                 self.persistence.refresh(of_instance, now)
+                if self.replicator is not None:  # restored from disk: ours now, the peer's copy
+                    self.replicator.adopted(name, now)
                 log.info("took instance %s: %d sessions adopted", name, n)
             elif isinstance(ev, Lost):
                 self.services.follow(self.roles.masters)
@@ -490,6 +508,7 @@ class Node:
             log.warning("operator state: %s", note)
         self.forwarder.set_services(self.services)
         self.config = new
+        self.snapshots.digest = new.service_digest()  # what the next start will compare
         if notes:
             await self._save_operator_state()
         self._arm_ramp()
@@ -540,6 +559,7 @@ class Node:
             "masters": sorted(self.roles.mastered),
             "demoted": self.runtime.operator.demoted,
             "sync": self.sync_status(),
+            "table_snapshot": self.snapshots.status(),
             "virtual_servers": {s.name: {"address": endpoint(s.vaddr, s.vport),
                                          "protocol": PROTO_NAMES[s.proto],
                                          "active_sessions": s.active,

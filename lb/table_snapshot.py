@@ -118,9 +118,9 @@ class _ServiceLike(Protocol):
 
 class SnapshotWriter:
     """Builds one snapshot in steps, so that a caller can spread the work of a large table
-    over several turns of its event loop: :meth:`add_bindings` once, then :meth:`add_sessions`
-    with chunks of the table, then :meth:`finish` (which hashes and may run in a thread: the
-    writer is not touched by anything else by then).
+    over several turns of its event loop: :meth:`add_bindings` with chunks of the bindings,
+    then :meth:`add_sessions` with chunks of the sessions, then :meth:`finish` (which hashes
+    and may run in a thread: the writer is not touched by anything else by then).
 
     ``now`` is the writer's monotonic clock (the tables' time); ``written_at`` its wall clock.
     Removed entries (``in_table`` False: the table changed between chunks) are left out.
@@ -134,19 +134,19 @@ class SnapshotWriter:
         self.now = now
         self._index: dict[Binding[Any], int] = {}
         self._parts: list[bytes] = []
-        self._bindings_done = False
+        self._sessions_started = False
         self.bindings = 0
         self.sessions = 0
 
     def add_bindings(self, bindings: Iterable[Binding[Any]]) -> None:
-        """Every binding, once, before any session (sessions refer to them by index)."""
-        if self._bindings_done:
-            raise ValueError("bindings are added once, before the sessions")
-        self._bindings_done = True
+        """A chunk of bindings; every binding before any session (sessions refer to them by
+        index; a binding added twice is written once)."""
+        if self._sessions_started:
+            raise ValueError("bindings are added before the sessions")
         now, index, out = self.now, self._index, []
         pack = _BINDING.pack
         for b in bindings:
-            if not b.in_table:
+            if not b.in_table or b in index:
                 continue
             svc: _ServiceLike = b.service
             srv = b.server
@@ -162,7 +162,7 @@ class SnapshotWriter:
 
     def add_sessions(self, sessions: Iterable[Session[Any]]) -> None:
         """A chunk of sessions (call as often as needed, after :meth:`add_bindings`)."""
-        self._bindings_done = True
+        self._sessions_started = True
         now, get, out = self.now, self._index.get, []
         pack = _SESSION_OUT.pack
         for s in sessions:

@@ -152,10 +152,16 @@ def test_chunks_make_the_same_file_as_one_call() -> None:
     assert b"".join(w.finish()) == encode(DIGEST, WALL, MONO, pers, sessions)
 
 
-def test_bindings_come_first_and_once() -> None:
+def test_bindings_come_first_in_chunks_each_once() -> None:
+    sessions, pers = sample()
     w = SnapshotWriter(DIGEST, WALL, MONO)
-    w.add_sessions([])
-    with pytest.raises(ValueError, match="once"):
+    bindings = list(pers)
+    w.add_bindings(bindings[:1])
+    w.add_bindings(bindings)  # the first one again: written once
+    w.add_sessions(sessions)
+    assert w.bindings == 2
+    assert b"".join(w.finish()) == encode(DIGEST, WALL, MONO, pers, sessions)
+    with pytest.raises(ValueError, match="before the sessions"):
         w.add_bindings([])
 
 
