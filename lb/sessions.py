@@ -167,6 +167,7 @@ def _compile(direction: str) -> tuple[int, ...]:
 
 _NEXT_INPUT: Final = _compile("input")
 _NEXT_OUTPUT: Final = _compile("output")
+_N_STATES: Final = len(TcpState)  # Enum.__len__ is a Python call: not per install
 _REUSABLE: Final = tuple(st in REUSABLE_STATES for st in TcpState)
 _CLOSING: Final = tuple(st in CLOSING_STATES for st in TcpState)
 
@@ -464,7 +465,7 @@ class SessionTable(Generic[S]):
         """
         if proto != IPPROTO_TCP:
             state = 0
-        elif not 0 < state < len(TcpState):
+        elif not 0 < state < _N_STATES:
             raise ValueError(f"not a TCP session state: {state}")
         state = int(state)
         fkey = _from_bytes(_pack_key(proto, caddr, vaddr, cport, vport), "big")

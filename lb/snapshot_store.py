@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import threading
@@ -132,6 +133,16 @@ class SnapshotStore:
             log.warning("table snapshot %s not loaded (cannot read: %s): starting with empty "
                         "tables", self.path, exc.strerror or exc)
             return None
+        # 10⁶ entries are built here at once: the cyclic GC would rescan them over and over
+        # (a third of the load's time) and there is nothing for it to find.
+        gc.disable()
+        try:
+            return self._decode_and_install(data, services, now, wall)
+        finally:
+            gc.enable()
+
+    def _decode_and_install(self, data: bytes, services: ServiceSet, now: float,
+                            wall: float) -> Installed | None:
         got = decode(data, self.digest, wall, self.sessions.timeouts)
         if isinstance(got, LoadError):
             self.report = LoadReport(got.reason.value, got.detail)

@@ -45,9 +45,10 @@ import math
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any, Final, NamedTuple, Protocol
 
 from lb.persistence import Binding, PersistenceTable
+from lb.servers import RealServer
 from lb.services import Service, ServiceSet, service_key
 from lb.sessions import IPPROTO_TCP, Session, SessionTable, SessionTimeouts, TcpState
 
@@ -225,8 +226,7 @@ class LoadError:
     detail: str
 
 
-@dataclass(frozen=True, slots=True)
-class SavedBinding:
+class SavedBinding(NamedTuple):
     """A persistence binding as restored: ``client_net`` on (proto, vaddr, vport) goes to
     ``raddr:rport``. ``idle`` counts the downtime; ``remaining`` is ``timeout - idle`` (<= 0
     for a binding kept only because a restored session uses it)."""
@@ -243,10 +243,10 @@ class SavedBinding:
     in_use: bool
 
 
-@dataclass(frozen=True, slots=True)
-class SavedSession:
+class SavedSession(NamedTuple):
     """A session as restored. ``idle`` counts the downtime; ``remaining`` is what is left of
-    its state's timeout. ``binding`` indexes :attr:`Restored.bindings`, or is None."""
+    its state's timeout. ``binding`` indexes :attr:`Restored.bindings`, or is None.
+    (Named tuples, not dataclasses: a start may build 10⁶ of them.)"""
 
     proto: int
     caddr: int
@@ -330,8 +330,7 @@ def decode(data: bytes, digest: bytes, now: float,
 
 
 def _rebind(s: SavedSession, index: int | None) -> SavedSession:
-    return SavedSession(s.proto, s.caddr, s.cport, s.vaddr, s.vport, s.raddr, s.rport,
-                        s.state, s.idle, s.remaining, index)
+    return s._replace(binding=index)
 
 
 def _sessions(body: memoryview, nb: int, age: float, timeouts: SessionTimeouts
@@ -404,20 +403,32 @@ def install(restored: Restored, sessions: SessionTable[Service],
                 got_b.append(b)
         objs.append(b)
     got_s: list[Session[Service]] = []
-    for rs in restored.sessions:
-        svc = by_key.get(service_key(rs.proto, rs.vaddr, rs.vport))
-        if svc is None:
-            skip("unknown_service")
+    # (proto, vaddr, vport, raddr, rport) -> (service, server) or why not: a table has a few
+    # services and servers, and 10⁶ sessions.
+    where: dict[tuple[int, int, int, int, int], tuple[Service, RealServer] | str] = {}
+    add = got_s.append
+    table_install = sessions.install
+    for p, ca, cp, va, vp, ra, rp, st, idle, _remaining, bi in restored.sessions:
+        key = (p, va, vp, ra, rp)
+        found = where.get(key)
+        if found is None:
+            svc = by_key.get(service_key(p, va, vp))
+            server = svc.pool.find(ra, rp) if svc is not None else None
+            if svc is None:
+                found = "unknown_service"
+            elif server is None:
+                found = "unknown_server"
+            else:
+                found = (svc, server)
+            where[key] = found
+        if isinstance(found, str):
+            skip(found)
             continue
-        server = svc.pool.find(rs.raddr, rs.rport)
-        if server is None:
-            skip("unknown_server")
-            continue
-        binding = objs[rs.binding] if rs.binding is not None else None
-        s = sessions.install(rs.proto, rs.caddr, rs.cport, rs.vaddr, rs.vport, server, svc,
-                             rs.state, now - rs.idle, now, binding)
+        svc, server = found
+        s = table_install(p, ca, cp, va, vp, server, svc, st, now - idle, now,
+                          objs[bi] if bi is not None else None)
         if s is None:
             skip("table_refused")
         else:
-            got_s.append(s)
+            add(s)
     return Installed(got_s, got_b, skipped)
