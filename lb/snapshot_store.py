@@ -181,7 +181,11 @@ class SnapshotStore:
     async def _every_interval(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
-            await self.write()
+            try:
+                await self.write()
+            except Exception:  # a bug here must not end the snapshots for good
+                self.write_failures_total += 1
+                log.exception("table snapshot not written to %s", self.path)
 
     async def write(self) -> bool:
         """One snapshot of the tables, spread over turns of the loop; False if it failed

@@ -61,6 +61,11 @@ def writes(lbd: Lbd) -> int:
     return int(lbd.ctl("status")["table_snapshot"]["writes"])
 
 
+def provisional(lbd: Lbd) -> tuple[int, int]:
+    p = lbd.ctl("sync")["provisional"]
+    return int(p["sessions"]), int(p["bindings"])
+
+
 def stream_result(proc: subprocess.Popen[str]) -> Any:
     out, _ = proc.communicate(timeout=STREAM_SECONDS + 90)
     return json.loads(out.strip().splitlines()[-1])
@@ -112,6 +117,12 @@ def test_a_blackout_of_both_boxes_loses_no_session_and_no_binding(env: LabEnv) -
         assert metric(scrape(env, lbd.host), "lbd_table_snapshot_loads_total",
                       result="loaded") == 1
 
+    # Reconciled: each node adopted its own instance's restored entries and sent them to the
+    # peer, which holds them as confirmed copies; nothing is left provisional.
+    for lbd in (a, b):
+        wait_until(lambda lbd=lbd: provisional(lbd) == (0, 0), timeout=10,  # type: ignore[misc]
+                   what=f"{lbd.host}'s restored entries to be confirmed or adopted")
+
     for vip, proc in streams.items():
         r = stream_result(proc)
         print(f"stream {vip}: {r}")
@@ -119,3 +130,31 @@ def test_a_blackout_of_both_boxes_loses_no_session_and_no_binding(env: LabEnv) -
         assert r["in_order"] and r["lines"] > STREAM_SECONDS * 20, (vip, r)
         assert r["server"] in SERVERS
     assert {k: pinned(env, *k) for k in pins} == pins
+
+
+def test_a_corrupted_snapshot_starts_lbd_with_empty_tables_and_says_why(env: LabEnv) -> None:
+    a, _ = start_pair(env)
+    pinned(env, "c1", "a")
+    wait_until(lambda: a.ctl("status")["table_snapshot"].get("last_write", {})
+               .get("sessions", 0) >= 1, timeout=15, what="lba to write its sessions")
+    a.stop(signal.SIGKILL)
+    path = env.tmp / "state-lba" / "tables.snap"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x40  # one flipped bit in the records
+    path.write_bytes(bytes(data))
+    before = len(a.log_text())
+    a.start()
+    log = a.log_text()[before:]
+    refused = [x for x in log.splitlines() if "table snapshot" in x and "refused" in x]
+    assert len(refused) == 1, log
+    assert "WARNING" in refused[0] and "(checksum: " in refused[0], refused[0]
+    assert "starting with empty tables" in refused[0]
+    assert not any(x for x in log.splitlines() if "loaded" in x and "sessions," in x)
+    load = a.ctl("status")["table_snapshot"]["load"]
+    assert load["result"] == "checksum" and load["sessions"] == 0
+    assert metric(scrape(env, "lba"), "lbd_table_snapshot_loads_total", result="checksum") == 1
+    assert (env.tmp / "state-lba" / "tables.snap.refused").exists()
+    # It runs on: takes its instances back from the live peer and writes a good file again.
+    wait_pair_up(a)
+    wait_until(lambda: path.exists() and writes(a) >= 1, timeout=15,
+               what="lba to write a new snapshot")
