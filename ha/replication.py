@@ -37,9 +37,11 @@ instance now. The rules, for both nodes at once (active-active):
   :mod:`lb.table_snapshot`) are installed like the peer's copies and marked *provisional*
   (:meth:`restored`): neither side may know yet who masters their instance — after a
   blackout both nodes start mastering nothing and their first snapshots to each other are
-  empty. So a peer's snapshot never removes a provisional entry; any record from the peer for
-  it replaces it and confirms it (the peer's live state wins); a provisional copy is not held
-  for the peer (:meth:`keep`): unless confirmed it ends by its own idle clock. When this node
+  empty. So a peer's snapshot removes a provisional entry only when it carried records of the
+  entry's instance (proof that the peer masters it: a node snapshots only what it owns); any
+  record from the peer for it replaces it and confirms it (the peer's live state wins); a
+  provisional copy is not held for the peer (:meth:`keep`): unless confirmed it ends by its
+  own idle clock. When this node
   takes an instance over (:meth:`adopted`), its provisional entries become its own and are
   sent to the peer, which then holds them as copies.
 
@@ -93,6 +95,7 @@ class Replicator:
         self.holding = False  # the peer's stream is up: copies are expired by their owner
         self._snap_sessions: set[int] | None = None  # forward keys a snapshot carried
         self._snap_bindings: set[tuple[int, int]] | None = None
+        self._snap_instances: set[str] = set()  # instances a snapshot carried records of
         self.snapshot_done = False  # a complete snapshot from the peer was applied
         # Restored from disk, not yet confirmed by the peer or adopted (see the docstring).
         self._provisional_s: set[int] = set()  # forward keys
@@ -259,6 +262,7 @@ class Replicator:
                     self.late += 1
                 if self._snap_bindings is not None:
                     self._snap_bindings.add((svc.key, ev.client_net))
+                    self._snap_instances.add(svc.owner)
                 self._provisional_b.discard((svc.key, ev.client_net))
                 if self.persistence.install(svc, ev.client_net, server, ev.timeout,
                                             now - ev.idle, now) is None:
@@ -275,6 +279,7 @@ class Replicator:
                     self.persistence.unbind(b, "peer")
         elif isinstance(ev, SnapshotBegin):
             self._snap_sessions, self._snap_bindings = set(), set()
+            self._snap_instances = set()
         elif isinstance(ev, SnapshotEnd):
             self._finish_snapshot(now)
 
@@ -291,6 +296,7 @@ class Replicator:
             self.late += 1
         if self._snap_sessions is not None:
             self._snap_sessions.add(fkey)
+            self._snap_instances.add(svc.owner)
         self._provisional_s.discard(fkey)
         binding = None
         if svc.persistence:
@@ -321,14 +327,16 @@ class Replicator:
         if carried_s is None or carried_b is None:
             self._skip("snapshot_end_without_begin")
             return
-        keep_s, keep_b = self._provisional_s, self._provisional_b
+        # A provisional entry stays unless the snapshot carried records of its instance: then
+        # the peer masters that instance, and what it did not carry has ended there.
+        keep_s, keep_b, peers = self._provisional_s, self._provisional_b, self._snap_instances
         stale = [s for s in self.sessions if not s.service.owned and s.fkey not in carried_s
-                 and s.fkey not in keep_s]
+                 and (s.fkey not in keep_s or s.service.owner in peers)]
         for s in stale:
             self.sessions.remove(s, "resync", now)
         gone = [b for b in self.persistence
                 if not b.service.owned and (b.service.key, b.client_net) not in carried_b
-                and (b.service.key, b.client_net) not in keep_b]
+                and ((b.service.key, b.client_net) not in keep_b or b.service.owner in peers)]
         for b in gone:
             self.persistence.unbind(b, "resync")
         self.snapshots_received += 1

@@ -109,12 +109,26 @@ def test_a_restarted_node_takes_the_live_peers_state() -> None:
     table = view(b)
     assert table[(VIP_B, 40005)][0] == ip_to_int(new_srv)
     assert (VIP_A, 40001) in table
-    assert b.rep.provisional == (1, 0)  # the flow that ended on A: kept, not confirmed
-    # ... and not held for the peer: it ends by its own idle clock.
-    b.clock[0] += b.sessions.timeouts.tcp_syn + 1
-    b.sessions.expire(b.clock[0], budget=10**6, keep=b.rep.keep)
-    assert (VIP_B, 40002) not in view(b) and (VIP_B, 40005) in view(b)
+    # The snapshot carried records of vb: A masters it, so the flow that ended there is gone.
+    assert (VIP_B, 40002) not in table
     assert b.rep.provisional == (0, 0)
+
+
+def test_a_provisional_copy_the_peer_never_confirms_ends_by_its_own_clock() -> None:
+    p = Pair()
+    to_server(p.a, VIP_A, 40001)
+    p.sync()
+    b, _ = restart(p.b, "b", saved(p.b), down=1)
+    a = Node("a", p.clock)  # restarted with nothing on disk, mastering nothing yet
+    a.master()
+    snapshots(a, b)  # an empty snapshot
+    assert (VIP_A, 40001) in view(b) and b.rep.provisional == (1, 1)  # session, binding
+    b.clock[0] += b.sessions.timeouts.tcp_syn + 1  # no record ever comes for them
+    b.sessions.expire(b.clock[0], budget=10**6, keep=b.rep.keep)
+    assert view(b) == {} and b.rep.provisional == (0, 1)
+    b.clock[0] += 3600
+    b.bindings.expire(b.clock[0], budget=10**6, keep=b.rep.keep)
+    assert len(b.bindings) == 0 and b.rep.provisional == (0, 0)
 
 
 def test_entries_naming_what_an_operator_removed_are_skipped_and_counted() -> None:
