@@ -188,8 +188,11 @@ class Node:
         self.loop = asyncio.get_running_loop()
         await self._load_operator_state()
         # Before the data plane and VRRP: restored sessions belong to no one until a role
-        # says (they are installed as a peer's snapshot would be).
-        self._restored = self.snapshots.load(self.services, time.monotonic(), time.time())
+        # says (they are installed as a peer's snapshot would be). In a thread: nothing else
+        # touches the tables yet, and 10⁶ sessions take seconds during which the loop must
+        # still ping systemd's watchdog.
+        self._restored = await asyncio.to_thread(self.snapshots.load, self.services,
+                                                 time.monotonic(), time.time())
         dp = cfg.dataplane
         self.kernel = await Kernel.open(route_table=dp.route_table,
                                         rule_priority=dp.rule_priority)
