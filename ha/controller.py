@@ -101,11 +101,7 @@ class HaController:
             src = ip_to_int(primary)
             runner_instances = []
             for ic in configs:
-                machine = VrrpMachine(VrrpConfig(
-                    vrid=ic.vrid, priority=ic.priority, advert_interval=ic.advert_interval,
-                    primary_address=src,
-                    addresses=tuple(ip_to_int(a.address) for a in ic.addresses),
-                    preempt=ic.preempt, preempt_delay=ic.preempt_delay))
+                machine = VrrpMachine(_machine_config(ic, src))
                 self.instances[ic.name] = Instance(ic, machine, group=member_of.get(ic.name),
                                                    priority=ic.priority)
                 runner_instances.append(RunnerInstance(
@@ -323,6 +319,29 @@ class HaController:
                 priority = 1  # the same hold as the gate, also for an address owner
             self._apply_tracking(inst, fault, priority, [what for what, _ in failed])
 
+    async def reconfigure(self, config: Config) -> list[str]:
+        """A reload whose VRRP part may change in place (``lb.config.vrrp_restart_needed``
+        found nothing): each instance takes its new priority, advert interval, preempt,
+        tracking, GARP and notify settings without a state change, so no address moves unless
+        the new priorities say so (preemption decides, as at any priority change). Returns
+        the instances that changed."""
+        changed = []
+        now = asyncio.get_running_loop().time()
+        for ic in config.vrrp_instances:
+            inst = self.instances[ic.name]
+            if ic == inst.config:
+                continue
+            inst.machine.reconfigure(_machine_config(ic, inst.machine.config.primary_address),
+                                     now)
+            inst.config = ic
+            changed.append(ic.name)
+        self.config = config
+        self.group_configs = {g.name: g for g in config.vrrp_groups}
+        await self.evaluate_tracking()
+        if changed:
+            self._on_step(now)  # re-arm the timers: a MASTER's sooner advert leaves on time
+        return changed
+
     async def demote(self, demoted: bool) -> list[str]:
         """``lbctl demote`` / ``promote``. Demoted, every instance's priority is held at 1
         (as the takeover gate holds it) and each MASTER steps down at once with a
@@ -375,6 +394,9 @@ class HaController:
                 "group": inst.group, "tracking_failed": inst.failed_tracks,
                 "gateway": name == self.config.gateway_instance,
                 "transitions": m.transitions, "demoted": self.demoted,
+                "advert_interval": inst.config.advert_interval,
+                "master_advert_interval": m.master_adver_interval,
+                "preempt": inst.config.preempt,
             }
         return out
 
@@ -421,3 +443,10 @@ class HaController:
                                   value=self.owner.garp_errors)
         yield CounterMetricFamily("lbd_vrrp_notify_failures", "Notify scripts that failed",
                                   value=self.notify_failures)
+
+
+def _machine_config(ic: VrrpInstanceConfig, primary: int) -> VrrpConfig:
+    return VrrpConfig(vrid=ic.vrid, priority=ic.priority, advert_interval=ic.advert_interval,
+                      primary_address=primary,
+                      addresses=tuple(ip_to_int(a.address) for a in ic.addresses),
+                      preempt=ic.preempt, preempt_delay=ic.preempt_delay)

@@ -2,8 +2,23 @@
 
 Two TCP connections per pair, one per direction: each node connects from its sync address to
 the peer's ``[sync] listen`` and *sends* on that connection; what it *receives* arrives on the
-connection the peer opened. Every frame is authenticated with the shared key
-(:mod:`ha.sync_codec`); a frame that fails any check ends that connection.
+connection the peer opened.
+
+Every connection starts with the handshake of :mod:`ha.sync_handshake` (the connecting side is
+the initiator), bounded by :data:`HANDSHAKE_TIMEOUT`: both sides prove they know the shared key
+over fresh random nonces and derive this connection's own keys, with which every frame of
+:mod:`ha.sync_codec` is then authenticated. A failed handshake or a frame that fails any check
+ends that connection, is counted in :attr:`SyncService.errors` under its reason and logged
+once. The inbound side keeps one :class:`~ha.sync_handshake.NonceLog` for all connections, so
+a replayed challenge is refused outright.
+
+What goes back on a connection: heartbeat acks, :class:`~ha.sync_codec.Applied` (the sequence
+of the last frame applied, once per read of the stream: the sender's
+:class:`~ha.sync_window.AckWindow` learns the peer's position, hence the unacknowledged count
+and the age of the oldest unacknowledged change) and :class:`~ha.sync_codec.SnapshotRequest`
+(:meth:`SyncService.resync`: send me your tables again). Nothing is resent after a reconnect:
+a fresh connection always starts with a snapshot of the sender's instances, which supersedes
+whatever the old one left unacknowledged.
 
 Both nodes send at once (active-active): each streams the sessions and bindings of the VRRP
 instances it masters and installs the peer's copies of the others. What is sent and what is
@@ -21,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -29,15 +45,22 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from ha.replication import Replicator
 from ha.sync_codec import (
+    MAX_BODY,
+    Applied,
     DecodeError,
     Decoder,
     Encoder,
     Heartbeat,
     HeartbeatAck,
     Hello,
+    OperatorStateRecord,
     Record,
     SnapshotEnd,
+    SnapshotRequest,
 )
+from ha.sync_handshake import NONCE_SIZE, Handshake, HandshakeError, Keys, NonceLog, describe
+from ha.sync_peer import PeerConfig
+from ha.sync_window import AckWindow
 from lb.config import SyncConfig
 
 log = logging.getLogger("lbd.sync")
@@ -46,21 +69,37 @@ RECONNECT = 0.5  # seconds between connection attempts
 HEARTBEAT = 0.5  # seconds between heartbeats on a connection we send on
 GATE_TIMEOUT = 5.0  # seconds a starting node waits for the peer's snapshot at most
 MAX_BACKLOG = 8 << 20  # bytes buffered towards a slow peer before we drop and resnapshot
+HANDSHAKE_TIMEOUT = 2.0  # seconds a connection may take for its whole handshake
+
+HandshakeOutcome = Keys | HandshakeError | str
+"""What :meth:`SyncService._handshake` ends with: the keys, why the peer was refused, or
+``"handshake_timeout"`` / ``"handshake_closed"`` (the peer was too slow, or hung up)."""
 
 
 class SyncService:
     """The transport around a :class:`Replicator`: outbound stream, inbound stream, gate."""
 
     def __init__(self, cfg: SyncConfig, key: bytes, node: str, replicator: Replicator, *,
+                 config_digest: bytes = bytes(16),
                  masters_any: Callable[[], bool] = lambda: False,
                  on_snapshot: Callable[[], None] = lambda: None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 operator_state: Callable[[], bytes] = lambda: b"",
+                 on_operator_state: Callable[[bytes], None] = lambda data: None,
+                 clock: Callable[[], float] = time.monotonic,
+                 nonce: Callable[[int], bytes] = os.urandom) -> None:
         self.cfg = cfg
         self.key = key
         self.node = node
+        self.nonce = nonce
+        self._nonces = NonceLog()  # client nonces seen by every inbound connection
+        self._window = AckWindow()  # what the peer has not applied on our outbound connection
+        self._peer_config = PeerConfig(config_digest)
         self.rep = replicator
         self.masters_any = masters_any
         self.on_snapshot = on_snapshot  # a complete snapshot from the peer was applied
+        # Operator state (lb.opstate, encoded): ours to send, the peer's to judge and apply.
+        self.operator_state = operator_state
+        self.on_operator_state = on_operator_state
         self.clock = clock
         self.boot_id = int(time.time() * 1000) & 0xFFFFFFFF
         self._writer: asyncio.StreamWriter | None = None
@@ -68,12 +107,14 @@ class SyncService:
         self._flush_scheduled = False
         self._tasks: list[asyncio.Task[None]] = []
         self._server: asyncio.AbstractServer | None = None
-        self._inbound: set[asyncio.StreamWriter] = set()
+        self._inbound: dict[asyncio.StreamWriter, Encoder] = {}  # after the handshake
         self._started = clock()  # the gate's timeout runs from here
         self.peer_node = ""
         # counters and gauges
         self.records_sent = 0
         self.snapshots_sent = 0
+        self.snapshot_requests_sent = 0
+        self.snapshot_requests_received = 0
         self.errors: dict[str, int] = {}
         self.connects = 0
         self.lag = 0.0
@@ -115,13 +156,42 @@ class SyncService:
         return (self.rep.snapshot_done or self.masters_any()
                 or self.clock() - self._started >= GATE_TIMEOUT)
 
+    @property
+    def peer_config_match(self) -> bool | None:
+        """Does the peer's last Hello carry our virtual servers and pools? None: no Hello."""
+        return self._peer_config.match
+
+    @property
+    def unacked(self) -> int:
+        """Records sent on the outbound connection that the peer has not applied yet."""
+        return self._window.unacked
+
+    @property
+    def oldest_unacked_seconds(self) -> float:
+        """Age of the oldest record the peer has not applied yet (0: none)."""
+        return self._window.oldest_unacked_age(self.clock())
+
+    def set_config_digest(self, digest: bytes) -> None:
+        """This node's virtual servers or pools changed (reload): tell the peer."""
+        if digest == self._peer_config.own:
+            return
+        if self._peer_config.reconfigured(digest):
+            self._log_mismatch()
+        self._send([self._hello()])
+
     def status(self) -> dict[str, Any]:
         return {
             "connected": self.outbound_connected and self.inbound_connected,
             "outbound": self.outbound_connected, "inbound": self.inbound_connected,
             "peer": str(self.cfg.peer), "peer_node": self.peer_node,
+            "peer_config_match": self.peer_config_match,
             "lag_seconds": round(self.lag, 6),
+            "unacked": self.unacked,
+            "oldest_unacked_seconds": round(self.oldest_unacked_seconds, 6),
+            "connects": self.connects,
             "records_sent": self.records_sent, "snapshots_sent": self.snapshots_sent,
+            "snapshot_requests_sent": self.snapshot_requests_sent,
+            "snapshot_requests_received": self.snapshot_requests_received,
             "errors": dict(self.errors), **self.rep.status(),
         }
 
@@ -144,13 +214,15 @@ class SyncService:
             return
         writer.write(encoder.frame(records))
         self.records_sent += len(records)
+        counted = sum(1 for r in records if not isinstance(r, Heartbeat))
+        self._window.sent(encoder.sequence, counted, self.clock())
         transport = writer.transport
         if transport.get_write_buffer_size() > MAX_BACKLOG:
             self._count(self.errors, "backlog")
             self._drop_outbound("peer too slow: backlog over limit")
 
     def send_snapshot(self) -> None:
-        """Send the owned tables in full (on connect)."""
+        """Send the owned tables in full (on connect, and when the peer asks)."""
         if self._writer is None:
             return
         self._flush()
@@ -163,12 +235,61 @@ class SyncService:
             log.info("sync: sent a snapshot of %d sessions and %d bindings", end.sessions,
                      end.bindings)
 
+    def send_operator_state(self) -> None:
+        """Send this node's operator state (on connect, and after every operator change);
+        the peer keeps whichever of the two was changed last."""
+        data = self.operator_state()
+        if not data or self._writer is None:
+            return
+        if len(data) > MAX_BODY:
+            self._count(self.errors, "operator_state_too_large")
+            log.error("sync: operator state of %d bytes does not fit one frame (%d): not sent",
+                      len(data), MAX_BODY)
+            return
+        self._flush()
+        self._send([OperatorStateRecord(data)])
+
     def resync(self) -> None:
         """This node lost an instance (preempted, or a healed split brain): its copy may
-        differ from the new owner's table. Closing the connection the peer sends on makes it
-        reconnect and send a fresh snapshot, which replaces our copies."""
-        for w in list(self._inbound):
-            w.close()
+        differ from the new owner's table. Ask the peer for a fresh snapshot, which replaces
+        our copies, on the connection it sends on (which stays up). With no such connection
+        there is nothing to ask: the peer's next connection starts with a snapshot anyway."""
+        for writer, acks in self._inbound.items():
+            writer.write(acks.frame([SnapshotRequest()]))
+            self.snapshot_requests_sent += 1
+            log.info("sync: asked the peer for a snapshot")
+
+    def _hello(self) -> Hello:
+        return Hello(self.node, self.boot_id, self._peer_config.own)
+
+    async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                         hs: Handshake) -> HandshakeOutcome:
+        """Run ``hs`` over the connection, bounded by :data:`HANDSHAKE_TIMEOUT`."""
+        async def run() -> HandshakeOutcome:
+            while True:
+                if out := hs.data_to_send():
+                    writer.write(out)
+                if hs.result is not None:
+                    return hs.result
+                data = await reader.read(4096)
+                if not data:
+                    return "handshake_closed"
+                hs.feed(data)
+        try:
+            return await asyncio.wait_for(run(), HANDSHAKE_TIMEOUT)
+        except TimeoutError:
+            return "handshake_timeout"
+
+    def _refused(self, outcome: HandshakeError | str, hs: Handshake, who: str) -> None:
+        """Count and log (once: the connection is closed next) a failed handshake."""
+        if isinstance(outcome, HandshakeError):
+            self._count(self.errors, outcome.value)
+            log.error("sync: %s: %s", who, describe(outcome, hs.peer_protocol))
+        else:
+            self._count(self.errors, outcome)
+            why = ("closed during the handshake" if outcome == "handshake_closed"
+                   else f"no handshake within {HANDSHAKE_TIMEOUT:g} s")
+            log.info("sync: %s: %s", who, why)
 
     async def _connect_loop(self) -> None:
         peer = self.cfg.peer
@@ -179,31 +300,42 @@ class SyncService:
             except (OSError, TimeoutError):
                 await asyncio.sleep(RECONNECT)
                 continue
-            self._writer, self._encoder = writer, Encoder(self.key)
-            self.rep.connected = True
-            self.connects += 1
-            log.warning("sync: connected to %s", peer)
-            self._send([Hello(self.node, self.boot_id)])
-            self.send_snapshot()
             try:
-                await self._outbound_session(reader)
+                await self._outbound(reader, writer)
             except (OSError, asyncio.IncompleteReadError, ConnectionError) as exc:
                 self._count(self.errors, "connection")
                 log.warning("sync: connection to %s lost: %s", peer, exc)
             self._drop_outbound("closed")
+            writer.close()
             await asyncio.sleep(RECONNECT)
 
-    async def _outbound_session(self, reader: asyncio.StreamReader) -> None:
-        """Heartbeats out; their acks come back on the same connection (lag = round trip,
-        which includes whatever records were queued before the heartbeat)."""
-        decoder = Decoder(self.key)
+    async def _outbound(self, reader: asyncio.StreamReader,
+                        writer: asyncio.StreamWriter) -> None:
+        """One outbound connection: handshake, Hello and snapshot, then the stream."""
+        hs = Handshake(self.key, self.nonce(NONCE_SIZE), initiator=True)
+        keys = await self._handshake(reader, writer, hs)
+        if not isinstance(keys, Keys):
+            self._refused(keys, hs, f"connection to {self.cfg.peer}")
+            return
+        self._writer, self._encoder = writer, Encoder(keys.send)
+        self._window.clear()
+        self.rep.connected = True
+        self.connects += 1
+        log.warning("sync: connected to %s", self.cfg.peer)
+        self._send([self._hello()])
+        self.send_snapshot()
+        self.send_operator_state()
+        decoder = Decoder(keys.receive)
+        decoder.feed(hs.leftover)
+        await self._outbound_session(reader, decoder)
+
+    async def _outbound_session(self, reader: asyncio.StreamReader, decoder: Decoder) -> None:
+        """What comes back on the connection we send on: heartbeat acks (lag = round trip,
+        which includes whatever records were queued before the heartbeat), Applied (the
+        peer's position) and snapshot requests."""
         hb = asyncio.get_running_loop().create_task(self._heartbeats())
         try:
             while self._writer is not None:
-                data = await reader.read(1 << 16)
-                if not data:
-                    return
-                decoder.feed(data)
                 while (ev := decoder.next_event()) is not None:
                     if isinstance(ev, DecodeError):
                         self._count(self.errors, ev.reason.value)
@@ -212,6 +344,22 @@ class SyncService:
                         return
                     if isinstance(ev, HeartbeatAck):
                         self.lag = max(0.0, self.clock() - ev.sent_at_ms / 1000)
+                    elif isinstance(ev, Applied):
+                        if not self._window.applied(ev.sequence):
+                            self._count(self.errors, "applied_ahead")
+                            log.error("sync: %s acknowledged frame %d, never sent: refused",
+                                      self.cfg.peer, ev.sequence)
+                            return
+                    elif isinstance(ev, SnapshotRequest):
+                        self.snapshot_requests_received += 1
+                        log.info("sync: the peer asked for a snapshot")
+                        self.send_snapshot()
+                    if self._writer is None:  # dropped (backlog) while answering
+                        return
+                data = await reader.read(1 << 16)
+                if not data:
+                    return
+                decoder.feed(data)
         finally:
             hb.cancel()
 
@@ -227,21 +375,39 @@ class SyncService:
             self._writer.close()
             self._writer = self._encoder = None
             self.rep.pending.clear()
+            self._window.clear()
             log.info("sync: outbound connection closed (%s)", why)
 
     # ---- inbound ----------------------------------------------------------------------------
     async def _serve_inbound(self, reader: asyncio.StreamReader,
                              writer: asyncio.StreamWriter) -> None:
-        decoder, acks = Decoder(self.key), Encoder(self.key)
-        self._inbound.add(writer)
+        try:
+            hs = Handshake(self.key, self.nonce(NONCE_SIZE), initiator=False, seen=self._nonces)
+            keys = await self._handshake(reader, writer, hs)
+            if isinstance(keys, Keys):
+                await self._inbound_session(reader, writer, keys, hs.leftover)
+            else:
+                peername = writer.get_extra_info("peername")
+                self._refused(keys, hs, f"connection from {peername[0] if peername else '?'}")
+        except (OSError, ConnectionError):
+            self._count(self.errors, "connection")
+        finally:
+            writer.close()
+
+    async def _inbound_session(self, reader: asyncio.StreamReader,
+                               writer: asyncio.StreamWriter, keys: Keys, data: bytes) -> None:
+        """The peer's stream: apply its records in order; after each read, tell it the last
+        frame applied."""
+        decoder, acks = Decoder(keys.receive), Encoder(keys.send)
+        self._inbound[writer] = acks
         self.rep.holding = True
+        hello = False
+        acked = 0
         try:
             while True:
-                data = await reader.read(1 << 16)
-                if not data:
-                    break
-                self.last_received = self.clock()
-                decoder.feed(data)
+                if data:
+                    self.last_received = self.clock()
+                    decoder.feed(data)
                 while (ev := decoder.next_event()) is not None:
                     if isinstance(ev, DecodeError):
                         self._count(self.errors, ev.reason.value)
@@ -250,16 +416,34 @@ class SyncService:
                     if isinstance(ev, Heartbeat):
                         writer.write(acks.frame([HeartbeatAck(ev.sent_at_ms)]))
                     elif isinstance(ev, Hello):
-                        self.peer_node = ev.node
-                        log.info("sync: peer %s (boot %d) connected", ev.node, ev.boot_id)
+                        self._peer_hello(ev, first=not hello)
+                        hello = True
+                    elif isinstance(ev, OperatorStateRecord):
+                        self.on_operator_state(ev.state)
                     else:
                         self._apply(ev)
-        except (OSError, ConnectionError):
-            self._count(self.errors, "connection")
+                if decoder.sequence > acked:
+                    acked = decoder.sequence
+                    writer.write(acks.frame([Applied(acked)]))
+                data = await reader.read(1 << 16)
+                if not data:
+                    break
         finally:
-            self._inbound.discard(writer)
+            self._inbound.pop(writer, None)
             self.rep.holding = bool(self._inbound)
-            writer.close()
+
+    def _peer_hello(self, ev: Hello, *, first: bool) -> None:
+        self.peer_node = ev.node
+        if first:
+            log.info("sync: peer %s (boot %d) connected", ev.node, ev.boot_id)
+        if self._peer_config.hello(ev.config_digest):
+            self._log_mismatch()
+
+    def _log_mismatch(self) -> None:
+        log.warning("sync: peer %s has other virtual servers or pools than this node (config "
+                    "digest %s, ours %s): allowed, records for what only one side has are "
+                    "skipped", self.peer_node or self.cfg.peer,
+                    (self._peer_config.peer or b"").hex(), self._peer_config.own.hex())
 
     def _apply(self, ev: Record) -> None:
         done = self.rep.snapshot_done
@@ -284,6 +468,24 @@ class SyncService:
         yield GaugeMetricFamily("lbd_sync_lag_seconds",
                                 "Round trip of the last heartbeat behind queued records",
                                 value=self.lag)
+        yield GaugeMetricFamily("lbd_sync_unacked_records",
+                                "Records sent to the peer and not yet applied by it",
+                                value=self.unacked)
+        yield GaugeMetricFamily("lbd_sync_oldest_unacked_seconds",
+                                "Age of the oldest record the peer has not applied yet",
+                                value=self.oldest_unacked_seconds)
+        match = GaugeMetricFamily("lbd_sync_peer_config_match",
+                                  "1 when the peer's virtual servers and pools are ours, 0 when "
+                                  "not (absent before the peer's first hello)")
+        if self.peer_config_match is not None:
+            match.add_metric([], 1 if self.peer_config_match else 0)
+        yield match
+        requests = CounterMetricFamily("lbd_sync_snapshot_requests",
+                                       "Snapshot requests, sent to the peer and received",
+                                       labels=["direction"])
+        requests.add_metric(["sent"], self.snapshot_requests_sent)
+        requests.add_metric(["received"], self.snapshot_requests_received)
+        yield requests
         sent = CounterMetricFamily("lbd_sync_records", "Sync records", labels=["direction"])
         sent.add_metric(["sent"], self.records_sent)
         sent.add_metric(["received"], self.rep.records_received)

@@ -188,6 +188,15 @@ class SnapshotRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class OperatorStateRecord:
+    """The sender's operator state (drain, disable, weights, servers added or removed), as
+    :meth:`lb.opstate.OperatorState.to_bytes` encodes its shared part: opaque here, 1 to
+    :data:`MAX_BODY` bytes. Sent after the snapshot and after every operator change."""
+
+    state: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class HeartbeatAck:
     """Echo of a :class:`Heartbeat`: the sender of the heartbeat learns the round-trip lag."""
 
@@ -207,6 +216,7 @@ Record: TypeAlias = (
     | HeartbeatAck
     | Applied
     | SnapshotRequest
+    | OperatorStateRecord
 )
 
 
@@ -261,6 +271,7 @@ class _T(enum.IntEnum):
     HEARTBEAT_ACK = 20
     APPLIED = 21
     SNAPSHOT_REQUEST = 22
+    OPERATOR_STATE = 23
 
 
 _SESSION = struct.Struct("!BIHIHIHBI")  # proto caddr cport vaddr vport raddr rport state idle_ms
@@ -338,6 +349,10 @@ def _pack_record(rec: Record) -> bytes:
             return _HEARTBEAT.pack(rec.sequence)
         case SnapshotRequest():
             return b""
+        case OperatorStateRecord():
+            if not 1 <= len(rec.state) <= MAX_BODY:
+                raise ValueError(f"operator state must be 1..{MAX_BODY} bytes")
+            return rec.state
     raise TypeError(f"not a sync record: {rec!r}")  # pragma: no cover - typed callers
 
 
@@ -349,6 +364,7 @@ _SINGLE_TYPE: dict[type[Record], _T] = {
     HeartbeatAck: _T.HEARTBEAT_ACK,
     Applied: _T.APPLIED,
     SnapshotRequest: _T.SNAPSHOT_REQUEST,
+    OperatorStateRecord: _T.OPERATOR_STATE,
 }
 
 
@@ -368,6 +384,8 @@ def _unpack_single(ftype: int, body: bytes) -> Record | DecodeErrorReason:
         return SnapshotBegin() if n == 0 else DecodeErrorReason.LENGTH
     if ftype == _T.SNAPSHOT_REQUEST:
         return SnapshotRequest() if n == 0 else DecodeErrorReason.LENGTH
+    if ftype == _T.OPERATOR_STATE:
+        return OperatorStateRecord(bytes(body)) if n else DecodeErrorReason.LENGTH
     if ftype == _T.SNAPSHOT_END:
         if n != _SNAPSHOT_END.size:
             return DecodeErrorReason.LENGTH

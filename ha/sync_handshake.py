@@ -17,6 +17,10 @@ frame recorded on one connection fails its MAC on any other. A replayed CHALLENG
 nonce it has seen recently (:class:`NonceLog`). A replayed RESPONSE cannot match the
 initiator's fresh ``nonce_i``.
 
+A peer of protocol 1 sent sync frames (``"LBDS" | version u8 …``) without any handshake; the
+responder recognises that magic and refuses it as :attr:`HandshakeError.VERSION` with the
+frame's version as :attr:`Handshake.peer_protocol`, so its log line names both versions.
+
 Rules: nothing here raises on received bytes. The first violation is the :attr:`result`
 (a :class:`HandshakeError`) and the connection must be closed; a short read just waits.
 """
@@ -30,6 +34,8 @@ import struct
 from collections import deque
 from dataclasses import dataclass
 from typing import Final
+
+from ha.sync_codec import MAGIC as FRAME_MAGIC
 
 MAGIC: Final = b"LBDH"
 PROTOCOL: Final = 2
@@ -169,14 +175,22 @@ class Handshake:
     # ---- helpers ----------------------------------------------------------------------------
     def _header_ok(self) -> bool:
         """Magic and protocol, checked as soon as their bytes are in."""
-        head = bytes(self._buf[: len(MAGIC)])
-        if head != MAGIC[: len(head)]:
+        n = len(MAGIC)
+        head = bytes(self._buf[:n])
+        if head == MAGIC[: len(head)]:
+            framed = False
+        elif head == FRAME_MAGIC[: len(head)]:
+            framed = True  # a sync frame with no handshake before it: protocol 1
+        else:
             self._fail(HandshakeError.MAGIC)
             return False
-        if len(self._buf) > len(MAGIC):
-            self.peer_protocol = self._buf[len(MAGIC)]
+        if len(self._buf) > n:
+            self.peer_protocol = self._buf[n]
             if self.peer_protocol != self._protocol:
                 self._fail(HandshakeError.VERSION)
+                return False
+            if framed:
+                self._fail(HandshakeError.MAGIC)
                 return False
         return True
 
@@ -191,3 +205,15 @@ class Handshake:
         self.result = why
         self._buf.clear()
         self._out.clear()
+
+
+def describe(error: HandshakeError, peer_protocol: int | None,
+             protocol: int = PROTOCOL) -> str:
+    """One log line's worth on why a handshake was refused."""
+    if error is HandshakeError.VERSION:
+        return f"peer speaks sync protocol {peer_protocol}, this node {protocol}: refused"
+    if error is HandshakeError.PROOF:
+        return "handshake proof does not match (another key, or a replayed connection): refused"
+    if error is HandshakeError.NONCE_REUSED:
+        return "handshake challenge with a nonce seen before (a replayed connection): refused"
+    return "not an lbd sync handshake (a plain TCP client or random bytes): refused"

@@ -340,6 +340,24 @@ class VrrpMachine:
             self._send(self._priority)
             self._deadline = now + self._interval
 
+    def reconfigure(self, config: VrrpConfig, now: float) -> None:
+        """A reload changed what may change without a restart: base priority (the effective
+        one follows through :meth:`set_priority`, from tracking), advert interval, preempt and
+        preempt_delay. The state stays; a MASTER sends its next advert at the new interval
+        (at once when that is sooner), a BACKUP keeps timing the master by what the master
+        advertises. Anything else (VRID, addresses, source) raises ValueError: a new virtual
+        router, which needs a new machine."""
+        same = (config.vrid, config.addresses, config.primary_address)
+        if same != (self.config.vrid, self.config.addresses, self.config.primary_address):
+            raise ValueError("vrid, addresses and primary address cannot change in place")
+        self.config = config
+        interval = config.advert_interval_cs / 100
+        if interval != self._interval:
+            self._interval = interval
+            if self._state is State.MASTER and self._deadline is not None:
+                self._deadline = min(self._deadline, now + interval)
+        self._preempt_after = min(self._preempt_after, now + config.preempt_delay)
+
     def set_fault(self, fault: bool, now: float) -> None:
         """Tracking says the instance can (not) work: FAULT holds no addresses."""
         if fault == self._fault:

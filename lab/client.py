@@ -7,7 +7,8 @@
     python -m lab.client stream URL [--timeout S]              → {"server", "lines", "in_order",
         "error", "max_gap"}: reads a /stream/SECONDS answer to its end and checks its lines
     python -m lab.client load URL --duration S [--timeout S]   → {"ok", "failed": {why: n}}:
-        one request after another (a new connection each) for S seconds
+        one request after another (a new connection each) for S seconds; with --rate R,
+        R new connections a second on a fixed schedule whatever each one takes (in threads)
     python -m lab.client hold HOST PORT --count N              → holds N connections open
         prints {"held": N} once they are established, then waits until stdin closes or it is
         killed; writes "ping\\n" on every held connection when it reads a line "send", and
@@ -19,6 +20,7 @@ Every request has a timeout; failures are reported per request, never hang.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import hashlib
 import json
 import socket
@@ -104,17 +106,34 @@ def cmd_stream(args: argparse.Namespace) -> dict[str, object]:
 
 
 def cmd_load(args: argparse.Namespace) -> dict[str, object]:
-    """New connections one after another for ``duration`` seconds; failures by kind."""
+    """New connections for ``duration`` seconds, one after another or at ``rate`` a second;
+    failures by kind."""
     ok, failed = 0, dict[str, int]()
-    end = time.monotonic() + args.duration
-    while time.monotonic() < end:
-        answer = http_get(args.url, args.timeout)
+
+    def count(answer: str) -> None:
+        nonlocal ok
         if answer.startswith(("error", "http ")):
             kind = answer[:120]
             failed[kind] = failed.get(kind, 0) + 1
         else:
             ok += 1
-    return {"ok": ok, "failed": failed}
+
+    start = time.monotonic()
+    end = start + args.duration
+    if not args.rate:
+        while time.monotonic() < end:
+            count(http_get(args.url, args.timeout))
+        return {"ok": ok, "failed": failed}
+    total = int(args.duration * args.rate)
+    workers = max(4, int(args.rate * args.timeout) + 4)  # enough for every one in flight
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        futures = []
+        for i in range(total):
+            time.sleep(max(0.0, start + i / args.rate - time.monotonic()))
+            futures.append(pool.submit(http_get, args.url, args.timeout))
+        for f in futures:
+            count(f.result())
+    return {"ok": ok, "failed": failed, "attempts": total}
 
 
 def cmd_hold(args: argparse.Namespace) -> dict[str, object]:
@@ -168,6 +187,7 @@ def main() -> None:
     ld = sub.add_parser("load")
     ld.add_argument("url")
     ld.add_argument("--duration", type=float, default=5.0)
+    ld.add_argument("--rate", type=float, default=0.0)
     for p in (g, u, d, pr, h, sm, ld):
         p.add_argument("--timeout", type=float, default=5.0)
     args = ap.parse_args()

@@ -120,6 +120,7 @@ class SessionsConfig:
     """``[sessions]``: table size and idle timeouts, in seconds."""
 
     max_sessions: int = 1_048_576
+    max_half_open: int = 0  # 0: max_sessions // 8 (see lb.sessions.SessionTable)
     tcp_syn_timeout: float = 60.0  # "60s"
     tcp_established_timeout: float = 900.0  # "15m"
     tcp_fin_timeout: float = 120.0  # "2m"
@@ -261,6 +262,30 @@ class VrrpInstanceConfig:
     def advert_centiseconds(self) -> int:
         """The advertisement interval as RFC 5798's 12-bit Max Adver Int field (centiseconds)."""
         return round(self.advert_interval * 100)
+
+
+INSTANCE_FIXED_KEYS: Final = ("interface", "vrid", "addresses", "unicast_peers")
+"""Keys of ``[vrrp.instances.NAME]`` a reload cannot change (a new virtual router, a new
+socket): every other key of an instance reloads in place, without a state change."""
+
+
+def vrrp_restart_needed(old: Config, new: Config) -> list[str]:
+    """The key paths of a reload from ``old`` to ``new`` that need a restart on the VRRP side:
+    an instance added or removed, a key of :data:`INSTANCE_FIXED_KEYS` changed, the groups or
+    the gateway instance changed. Empty: the VRRP change (if any) reloads in place."""
+    paths: list[str] = []
+    before = {ic.name: ic for ic in old.vrrp_instances}
+    after = {ic.name: ic for ic in new.vrrp_instances}
+    for name in sorted(before.keys() ^ after.keys()):
+        paths.append(f"vrrp.instances.{name}")
+    for name in sorted(before.keys() & after.keys()):
+        paths += [f"vrrp.instances.{name}.{key}" for key in INSTANCE_FIXED_KEYS
+                  if getattr(before[name], key) != getattr(after[name], key)]
+    if old.vrrp_groups != new.vrrp_groups:
+        paths.append("vrrp.groups")
+    if old.gateway_instance != new.gateway_instance:
+        paths.append("vrrp.gateway")
+    return paths
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -544,6 +569,7 @@ def _sessions(t: _Table) -> SessionsConfig:
     positive = _duration(positive=True)
     sessions = SessionsConfig(
         max_sessions=t.get("max_sessions", _int(1), d.max_sessions),
+        max_half_open=t.get("max_half_open", _int(1), d.max_half_open),
         tcp_syn_timeout=t.get("tcp_syn_timeout", positive, d.tcp_syn_timeout),
         tcp_established_timeout=t.get(
             "tcp_established_timeout", positive, d.tcp_established_timeout

@@ -231,7 +231,9 @@ class Forwarder:
                 flags & (SYN | ACK | RST) != ACK or not svc.scheduler.consistent):
             self._refuse(buf, off, end, proto, flags, "no_session")
             return None
-        if len(self.sessions) - (reused is not None) >= self.sessions.max_sessions:
+        if (len(self.sessions) - (reused is not None) >= self.sessions.max_sessions
+                and not (flags & SYN and self.sessions.half_open)):
+            # (a SYN takes the place of the oldest half-open session: SessionTable.create)
             self.drop("table_full")
             return None
         server, bound = self._schedule(svc, saddr, sport, now)

@@ -114,6 +114,12 @@ def dataplane_metrics(fwd: Forwarder, services: Callable[[], ServiceSet],
                                 value=len(table))
         yield CounterMetricFamily("lbd_sessions_expired", "Sessions removed by timeout",
                                   value=table.expired_total)
+        yield GaugeMetricFamily("lbd_sessions_half_open", "Sessions in SYN_RECV",
+                                value=table.half_open)
+        yield CounterMetricFamily("lbd_sessions_half_open_evicted",
+                                  "Half-open sessions evicted for a new SYN (oldest first: "
+                                  "max_half_open reached, or the table full)",
+                                  value=table.half_open_evictions)
         yield GaugeMetricFamily("lbd_persistence_bindings", "Client-IP persistence bindings",
                                 value=len(fwd.persistence))
         if extra is not None:

@@ -31,7 +31,7 @@ from ha.sync_codec import load_key
 from ha.vrrp_machine import State
 from lb import opstate
 from lb.addr import endpoint, int_to_ip, ip_to_int
-from lb.config import Config, ConfigError, VrrpAddress, load_config
+from lb.config import Config, ConfigError, VrrpAddress, load_config, vrrp_restart_needed
 from lb.control import CommandError, ControlServer, Stream, parse_args
 from lb.dataplane import DataPlane
 from lb.forwarder import Forwarder, ServiceCounts
@@ -149,7 +149,8 @@ class Node:
         self.counts = ServiceCounts()
         self.sessions: SessionTable[Service] = SessionTable(
             session_timeouts(config), config.sessions.max_sessions,
-            tick=config.sessions.expiry_tick, observer=self.counts)
+            tick=config.sessions.expiry_tick, observer=self.counts,
+            max_half_open=config.sessions.max_half_open or None)
         self.persistence: PersistenceTable[Service] = PersistenceTable()
         # The tables on local disk: loaded at start, written every snapshot_interval.
         self.snapshots = SnapshotStore(config.node.state_dir, config.service_digest(),
@@ -177,6 +178,8 @@ class Node:
         self._expiry: asyncio.TimerHandle | None = None
         self._stopping = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
+        # The peer's operator states received: applied, ours kept (not newer), refused.
+        self.peer_operator_state = {"applied": 0, "kept_ours": 0, "refused": 0}
         self.reloads = 0
         self.last_reload_ok = True  # the config in force was read at start: a success
         self.last_reload_success = time.time()
@@ -254,8 +257,11 @@ class Node:
         rep = Replicator(self.sessions, self.persistence, lambda: self.services,
                          time.monotonic, on_installed=self._installed)
         self.sync = SyncService(cfg.sync, key, cfg.node.name, rep,
+                                config_digest=cfg.service_digest(),
                                 masters_any=lambda: self.roles.masters_any,
-                                on_snapshot=self._peer_snapshot)
+                                on_snapshot=self._peer_snapshot,
+                                operator_state=self._operator_state_bytes,
+                                on_operator_state=self._peer_operator_state)
         rep.wake = self.sync.kick
         self.replicator = rep
         if self._restored is not None:  # provisional until the peer or a takeover confirms
@@ -475,6 +481,65 @@ class Node:
             return f"not saved: {exc}"
         return None
 
+    async def _install_services(self, config: Config) -> None:
+        """Rebuild the services from ``config`` with the runtime owner's operator records on
+        them, keeping every session (a reload, or the peer's operator state); the health
+        monitor restarts on the new set. The caller holds ``_reconfig``."""
+        if self.monitor is not None:
+            await self.monitor.stop()
+        self.services = build_services(config, self.services)
+        self.services.follow(self.roles.masters)
+        notes = self.runtime.adopt(self.services, time.monotonic())
+        for note in notes:
+            log.warning("operator state: %s", note)
+        self.forwarder.set_services(self.services)
+        self.config = config
+        await self._save_operator_state()
+        self._arm_ramp()
+        if self.kernel is not None:
+            await self.kernel.set_reply_rules(config.dataplane.server_interface,
+                                              self._server_addresses())
+        self._start_health()
+
+    # ---- operator state shared with the peer ------------------------------------------------
+    def _operator_state_bytes(self) -> bytes:
+        return self.runtime.operator.shared().to_bytes()
+
+    def _operator_changed(self) -> None:
+        """An operator changed a pool's server here: stamp it and tell the peer."""
+        self.runtime.operator.changed_at = int(time.time() * 1000)
+        if self.sync is not None:
+            self.sync.send_operator_state()
+
+    def _peer_operator_state(self, data: bytes) -> None:
+        if self.loop is not None:
+            task = self.loop.create_task(self._adopt_peer_operator_state(data))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _adopt_peer_operator_state(self, data: bytes) -> None:
+        """The peer's operator state: applied when it was changed after ours (the pair keeps
+        one operator state, the last one set on either node), so a takeover keeps every
+        drain, weight and added server. Malformed: counted, nothing changes."""
+        try:
+            theirs = opstate.OperatorState.from_bytes(data)
+        except opstate.StateError as exc:
+            self.peer_operator_state["refused"] += 1
+            log.error("sync: the peer's operator state refused: %s", exc)
+            return
+        async with self._reconfig:
+            ours = self.runtime.operator
+            if not theirs.newer_than(ours):
+                self.peer_operator_state["kept_ours"] += 1
+                return
+            theirs.demoted = ours.demoted  # demote is this node's own
+            self.runtime.operator = theirs
+            await self._install_services(self.config)
+            self.peer_operator_state["applied"] += 1
+            log.warning("sync: operator state of the peer applied (%d server records, changed "
+                        "%s)", len(theirs.records), time.strftime(
+                            "%Y-%m-%d %H:%M:%S", time.gmtime(theirs.changed_at / 1000)))
+
     # ---- reload -----------------------------------------------------------------------------
     async def reload(self) -> list[str]:
         """Re-read the config file; on any error keep running on the old one. Reloads and
@@ -494,33 +559,23 @@ class Node:
             for line in exc.errors:
                 log.error("reload refused: %s", line)
             return exc.errors
-        fixed = ("dataplane", "node", "sessions", "metrics", "vrrp_instances", "vrrp_groups",
-                 "sync")
+        fixed = ("dataplane", "node", "sessions", "metrics", "sync")
         changed = [k for k in fixed if getattr(new, k) != getattr(self.config, k)]
+        changed += vrrp_restart_needed(self.config, new)
         if changed:
             msg = f"{new.source}: {', '.join(changed)}: changes need a restart; kept the old"
             self.reload_failures += 1
             log.error("reload refused: %s", msg)
             return [msg]
-        if self.monitor is not None:
-            await self.monitor.stop()
-        self.services = build_services(new, self.services)
-        self.services.follow(self.roles.masters)
-        notes = self.runtime.adopt(self.services, time.monotonic())
-        for note in notes:
-            log.warning("operator state: %s", note)
-        self.forwarder.set_services(self.services)
-        self.config = new
+        await self._install_services(new)
+        if self.sync is not None:  # the peer sees whether our services still match its own
+            self.sync.set_config_digest(new.service_digest())
         self.snapshots.digest = new.service_digest()  # what the next start will compare
-        if notes:
-            await self._save_operator_state()
-        self._arm_ramp()
-        if self.kernel is not None:
-            await self.kernel.set_reply_rules(new.dataplane.server_interface,
-                                              self._server_addresses())
         if new.standalone and self.owner is not None:
             await self.hold_vips()
-        self._start_health()
+        if self.ha is not None:
+            for name in await self.ha.reconfigure(new):
+                log.info("instance %s: reloaded in place", name)
         self.reloads += 1
         log.info("reloaded %s: %d virtual servers", new.source, len(self.services.services))
         return []
@@ -558,6 +613,8 @@ class Node:
             "uptime": round(time.time() - self.started, 3),
             "vrrp": {k: {"state": v["state"]} for k, v in self.vrrp_status().items()},
             "sessions": len(self.sessions),
+            "sessions_half_open": self.sessions.half_open,
+            "half_open_evicted": self.sessions.half_open_evictions,
             "persistence": len(self.persistence),
             "masters": sorted(self.roles.mastered),
             "demoted": self.runtime.operator.demoted,
@@ -630,7 +687,10 @@ class Node:
     def sync_status(self) -> dict[str, Any]:
         if self.sync is None:
             return {"connected": False, "configured": False}
-        return {"configured": True, **self.sync.status()}
+        return {"configured": True, **self.sync.status(),
+                "operator_state": {"changed_at_ms": self.runtime.operator.changed_at,
+                                   "records": len(self.runtime.operator.records),
+                                   "from_peer": dict(self.peer_operator_state)}}
 
     def _gate_open(self) -> bool:
         return self.sync is None or self.sync.gate_open
@@ -654,6 +714,7 @@ class Node:
         async with self._reconfig:
             server = self._server(pool_name, target)
             self._runtime_changed(self.runtime.set_admin(server, state))
+            self._operator_changed()
             log.info("server %s of pool %s set %s by operator", server.key, pool_name,
                      state.value)
             return await self._saved({"pool": pool_name, "server": server.key,
@@ -673,6 +734,7 @@ class Node:
             except Refused as exc:
                 raise CommandError(str(exc)) from None
             self._runtime_changed(refreshed)
+            self._operator_changed()
             log.info("server %s of pool %s: weight %d -> %d by operator", server.key,
                      pool_name, old, weight)
             return await self._saved({"pool": pool_name, "server": server.key,
@@ -689,6 +751,7 @@ class Node:
             except Refused as exc:
                 raise CommandError(str(exc)) from None
             self._runtime_changed(True)
+            self._operator_changed()
             if self.kernel is not None:
                 await self.kernel.set_reply_rules(self.config.dataplane.server_interface,
                                                   self._server_addresses())
@@ -709,6 +772,7 @@ class Node:
             n = self._reset_sessions(server, "server_removed") if reset else 0
             self.runtime.remove_server(server)
             self._runtime_changed(True)
+            self._operator_changed()
             await self._restart_health()
             if self.kernel is not None and not self.runtime.retired.count(server):
                 await self.kernel.set_reply_rules(self.config.dataplane.server_interface,
@@ -758,6 +822,13 @@ class Node:
         }
 
     def _node_gauges(self) -> Iterator[Metric]:
+        if self.sync is not None:
+            got = CounterMetricFamily("lbd_sync_operator_state_received",
+                                      "The peer's operator states received, by what became "
+                                      "of them", labels=["result"])
+            for result, n in sorted(self.peer_operator_state.items()):
+                got.add_metric([result], n)
+            yield got
         yield GaugeMetricFamily("lbd_config_last_reload_successful",
                                 "1 when the last reload was applied, 0 when it was refused",
                                 value=1 if self.last_reload_ok else 0)

@@ -4,16 +4,19 @@ What an operator sets — a server drained or disabled, a weight, a server added
 is recorded here, per pool and server, and nothing else: health, sessions and ramps are
 not operator state. The record is a plain value with a pure, canonical encoding
 (:meth:`OperatorState.to_bytes` / :meth:`OperatorState.from_bytes`, UTF-8 JSON with sorted
-keys), so that the same bytes can be kept on disk (:func:`save`, :func:`load`) and, later,
-carried to the peer over the sync stream. ``demoted`` (``lbctl demote``) is this node's
-own and is left out of :meth:`OperatorState.shared`, the part a peer would apply.
+keys), so that the same bytes can be kept on disk (:func:`save`, :func:`load`) and carried
+to the peer over the sync stream (``ha.sync_codec.OperatorStateRecord``): the pair keeps one
+operator state, the one changed last on either node (``changed_at``,
+:meth:`OperatorState.newer_than`), so a takeover keeps every drain and weight. ``demoted``
+(``lbctl demote``) is this node's own and is left out of :meth:`OperatorState.shared`, the
+part a peer applies.
 
 Decoding never raises anything but :class:`StateError`, whose message names the first
 problem; a record that does not decode is refused whole.
 
 File format (``format`` 1)::
 
-    {"format": 1, "demoted": false,
+    {"format": 1, "demoted": false, "changed_at": 1764748800000,
      "pools": {"web": {"198.18.0.12:8080": {"admin": "drain", "weight": 3},
                        "198.18.0.14:8080": {"added": true, "weight": 2, "backup": false},
                        "198.18.0.13:8080": {"removed": true}}}}
@@ -90,6 +93,9 @@ class OperatorState:
 
     records: dict[tuple[str, str], Record] = field(default_factory=dict)
     demoted: bool = False
+    changed_at: int = 0
+    """Wall-clock milliseconds of the last operator change to ``records``, on this node or
+    on the peer: of two states, the later one wins (:meth:`newer_than`)."""
 
     # ---- edits (each keeps only records that say something) --------------------------------
     def get(self, pool: str, server: str) -> Record:
@@ -112,7 +118,14 @@ class OperatorState:
 
     def shared(self) -> OperatorState:
         """The part a peer would apply: the pools' records, not this node's ``demoted``."""
-        return OperatorState(dict(self.records), demoted=False)
+        return OperatorState(dict(self.records), demoted=False, changed_at=self.changed_at)
+
+    def newer_than(self, other: OperatorState) -> bool:
+        """Should this state (the peer's) replace ``other`` (ours)? When it was changed
+        later; at the same millisecond, the larger encoding wins, so both nodes agree."""
+        if self.changed_at != other.changed_at:
+            return self.changed_at > other.changed_at
+        return self.shared().to_bytes() > other.shared().to_bytes()
 
     # ---- encoding ---------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -130,7 +143,8 @@ class OperatorState:
                 if rec.weight is not None:
                     entry["weight"] = rec.weight
             pools.setdefault(pool, {})[server] = entry
-        return {"format": FORMAT, "demoted": self.demoted, "pools": pools}
+        return {"format": FORMAT, "demoted": self.demoted, "changed_at": self.changed_at,
+                "pools": pools}
 
     def to_bytes(self) -> bytes:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode()
@@ -144,10 +158,13 @@ class OperatorState:
         demoted = doc.get("demoted", False)
         if not isinstance(demoted, bool):
             raise StateError("demoted: not true/false")
+        changed_at = doc.get("changed_at", 0)
+        if type(changed_at) is not int or not 0 <= changed_at < 2**63:
+            raise StateError("changed_at: not a non-negative integer")
         pools = doc.get("pools", {})
         if not isinstance(pools, dict):
             raise StateError("pools: not an object")
-        state = cls(demoted=demoted)
+        state = cls(demoted=demoted, changed_at=changed_at)
         for pool, servers in pools.items():
             if not isinstance(servers, dict):
                 raise StateError(f"pools.{pool}: not an object")

@@ -40,7 +40,7 @@ from __future__ import annotations
 import enum
 import struct
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Final, Generic, Protocol, TypeVar
 
 from lb.persistence import Binding
@@ -184,9 +184,9 @@ class SessionTimeouts:
     udp: float = 300.0  # and every other non-TCP protocol
 
     def __post_init__(self) -> None:
-        for name in self.__slots__:
-            if getattr(self, name) <= 0:
-                raise ValueError(f"timeout {name} must be positive")
+        for f in fields(self):  # (not __slots__: mypyc-compiled classes have none)
+            if getattr(self, f.name) <= 0:
+                raise ValueError(f"timeout {f.name} must be positive")
 
     def timeout(self, state: int) -> float:
         """The idle timeout of a session in ``state``."""
@@ -304,6 +304,15 @@ class SessionTable(Generic[S]):
     expiry included), ``full_drops`` (flows refused because ``max_sessions`` were in the table),
     ``conflict_drops`` (flows refused because another session already owns their reverse key:
     the same client ip:port reaching the same real server through two virtual servers).
+
+    Half-open sessions (SYN_RECV) are also kept in arrival order, at most ``max_half_open``
+    of them (default an eighth of ``max_sessions``): a new SYN beyond that, or one that finds
+    the table full while half-open sessions are in it, evicts the oldest half-open session
+    (``half_open_evictions``) instead of being refused — the BSD syncache's overflow rule and
+    IPVS's ``drop_entry`` in one. A spoofed SYN flood then cycles through the half-open
+    slots; a real client's handshake completes within a round trip, long before its slot's
+    turn comes (a slot lives ``max_half_open`` / flood rate seconds), and established
+    sessions are never touched.
     """
 
     lookup: Callable[[int], Session[S] | None]
@@ -315,6 +324,7 @@ class SessionTable(Generic[S]):
         max_sessions: int,
         tick: float = 0.1,
         observer: SessionObserver[S] | None = None,
+        max_half_open: int | None = None,
     ) -> None:
         timeout_of = tuple(timeouts.timeout(st) for st in TcpState)
 
@@ -338,11 +348,20 @@ class SessionTable(Generic[S]):
         self.removed_total = 0
         self.full_drops = 0
         self.conflict_drops = 0
+        self.max_half_open = (max(1, max_sessions // 8) if max_half_open is None
+                              else max_half_open)
+        self._half_open: dict[int, Session[S]] = {}  # SYN_RECV sessions, oldest first
+        self.half_open_evictions = 0
 
     # --- queries -------------------------------------------------------------------------
 
     def __len__(self) -> int:
         return len(self._fwd)
+
+    @property
+    def half_open(self) -> int:
+        """Sessions in SYN_RECV now."""
+        return len(self._half_open)
 
     def __iter__(self) -> Iterator[Session[S]]:
         """The sessions (do not mutate the table while iterating)."""
@@ -413,9 +432,6 @@ class SessionTable(Generic[S]):
 
         Takes a reference on ``binding`` (released by :meth:`remove`).
         """
-        if len(self._fwd) >= self.max_sessions:
-            self.full_drops += 1
-            return None
         fkey = _from_bytes(_pack_key(proto, caddr, vaddr, cport, vport), "big")
         rkey = _from_bytes(_pack_key(proto, server.addr, caddr, server.port, cport), "big")
         if rkey in self._rev:
@@ -429,9 +445,18 @@ class SessionTable(Generic[S]):
             state = 1
         else:  # picked up mid-stream: established, then this packet's own event
             state = _NEXT_INPUT[(2 << 5) | (tcp_flags & 0x17)]
+        half_open = self._half_open
+        if state == 1 and half_open and (len(half_open) >= self.max_half_open
+                                         or len(self._fwd) >= self.max_sessions):
+            self._evict_half_open(now)
+        if len(self._fwd) >= self.max_sessions:
+            self.full_drops += 1
+            return None
         s: Session[S] = Session(fkey, rkey, server, service, state, now, binding)
         self._fwd[fkey] = s
         self._rev[rkey] = s
+        if state == 1:
+            half_open[fkey] = s
         server.active += 1
         server.created_total += 1
         if binding is not None:
@@ -488,6 +513,8 @@ class SessionTable(Generic[S]):
             s = Session(fkey, rkey, server, service, state, last_seen, binding)
             self._fwd[fkey] = s
             self._rev[rkey] = s
+            if state == 1:
+                self._half_open[fkey] = s
             server.active += 1
             if binding is not None:
                 binding.attach(last_seen)
@@ -517,6 +544,7 @@ class SessionTable(Generic[S]):
             changed = True
         s.last_seen = max(s.last_seen, last_seen)
         if state != s.state:
+            self._track_half_open(s, state)
             s.state = state
             changed = True
             self._wheel.file_earlier(s, s.last_seen + self._timeout_of[state])
@@ -566,6 +594,8 @@ class SessionTable(Generic[S]):
         """Take ``s``, already out of the wheel, out of everything else."""
         del self._fwd[s.fkey]
         del self._rev[s.rkey]
+        if s.state == 1:
+            del self._half_open[s.fkey]
         s.server.active -= 1
         if s.binding is not None:
             s.binding.release(now)
@@ -573,9 +603,23 @@ class SessionTable(Generic[S]):
         if self.observer is not None:
             self.observer.session_removed(s, reason)
 
+    def _track_half_open(self, s: Session[S], new: int) -> None:
+        """``s`` moves to state ``new``: keep the half-open index in step."""
+        if s.state == 1:
+            del self._half_open[s.fkey]
+        elif new == 1:
+            self._half_open[s.fkey] = s  # a new SYN on a closing session: newest now
+
+    def _evict_half_open(self, now: float) -> None:
+        oldest = next(iter(self._half_open.values()))
+        self.half_open_evictions += 1
+        self.remove(oldest, "half_open_evicted", now)
+
     def _set_state(self, s: Session[S], new: int, now: float) -> None:
         if s._slot == UNFILED:  # a stale reference to a removed session: nothing to track
             return
+        if s.state == 1 or new == 1:
+            self._track_half_open(s, new)
         s.state = new
         self._wheel.file_earlier(s, now + self._timeout_of[new])
         if self.observer is not None:

@@ -80,6 +80,10 @@ PRESET_FRAMES = (
     _frame(wire.ip_tcp(S1, CLIENT, HTTP, 40000, pk.SYN | pk.ACK, seq=5000, ack=1001)),
     _frame(wire.ip_udp(CLIENT, VIP, 40001, 53)),  # → S1
     _frame(wire.ip_tcp(CLIENT, VIP, 40002, 81, pk.SYN)),  # → S1 (each service has its rr)
+    # The clients' ACKs: both TCP sessions established, so that a full table refuses a new
+    # SYN (a half-open one would give it its place: SessionTable.max_half_open).
+    _frame(wire.ip_tcp(CLIENT, VIP, 40000, 80, pk.ACK, seq=1001, ack=5001)),
+    _frame(wire.ip_tcp(CLIENT, VIP, 40002, 81, pk.ACK, seq=1001, ack=1)),
 )
 
 
@@ -88,7 +92,8 @@ def make_forwarder(flags: int) -> Forwarder:
     cfg = _config(flags & 0x0F)
     services = build_services(cfg)
     sessions: SessionTable[Service] = SessionTable(
-        SessionTimeouts(), cfg.sessions.max_sessions, tick=0.1, observer=ServiceCounts())
+        SessionTimeouts(), cfg.sessions.max_sessions, tick=0.1, observer=ServiceCounts(),
+        max_half_open=cfg.sessions.max_sessions)
     persistence: PersistenceTable[Service] = PersistenceTable()
     fwd = Forwarder(services, sessions, persistence)
     buf = bytearray(BUF_SIZE)

@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from ha.sync_codec import (
     MAGIC,
     VERSION,
+    Applied,
     BindingGone,
     BindingRecord,
     DecodeError,
@@ -35,17 +36,19 @@ from ha.sync_codec import (
     HeartbeatAck,
     Hello,
     Record,
+    ReplySeen,
     SessionGone,
     SessionRecord,
     SnapshotBegin,
     SnapshotEnd,
+    SnapshotRequest,
 )
 from tests.fuzz import wire
 from tests.fuzz.targets import Target
 
 KEY = b"fuzz-sync-key-0123456789abcdef"
 _HEADER = struct.Struct("!4sBBHIQ")
-TYPES = (1, 2, 3, 4, 16, 17, 18, 19, 20)
+TYPES = (1, 2, 3, 4, 5, 16, 17, 18, 19, 20, 21, 22, 23)
 
 
 def signed_frame(ftype: int, seq: int, body: bytes, key: bytes = KEY) -> bytes:
@@ -106,6 +109,7 @@ def check(data: bytes) -> None:
 
 SAMPLE_RECORDS: list[Record] = [
     Hello("lb-a", 0x1234),
+    Hello("lb-b", 0x5678, bytes(range(16))),
     SnapshotBegin(),
     SessionRecord(6, 0xC6336443, 40000, 0xC633640A, 80, 0xC612000B, 8080, 2, 1.5),
     SessionRecord(17, 0xC6336443, 40001, 0xC633640A, 53, 0xC612000C, 5353, 0, 0.0),
@@ -115,6 +119,9 @@ SAMPLE_RECORDS: list[Record] = [
     BindingGone(6, 0xC633640A, 80, 0xC6336400),
     Heartbeat(123456),
     HeartbeatAck(123456),
+    ReplySeen(6, 0xC6336443, 40000, 0xC633640A, 80, 0x11),
+    Applied(9),
+    SnapshotRequest(),
 ]
 
 
@@ -139,7 +146,11 @@ _record: st.SearchStrategy[Record] = st.one_of(
     st.builds(BindingRecord, st.sampled_from([6, 17]), _u32, _u16, _u32, _u32, _u16, _secs,
               _secs),
     st.builds(BindingGone, st.sampled_from([6, 17]), _u32, _u16, _u32),
-    st.builds(Hello, st.text(min_size=1, max_size=20), st.integers(0, 2**64 - 1)),
+    st.builds(Hello, st.text(min_size=1, max_size=20), st.integers(0, 2**64 - 1),
+              st.binary(min_size=16, max_size=16)),
+    st.builds(ReplySeen, st.sampled_from([6, 17]), _u32, _u16, _u32, _u16, st.integers(0, 255)),
+    st.builds(Applied, st.integers(0, 2**64 - 1)),
+    st.just(SnapshotRequest()),
     st.just(SnapshotBegin()),
     st.builds(SnapshotEnd, _u32, _u32),
     st.builds(Heartbeat, st.integers(0, 2**64 - 1)),

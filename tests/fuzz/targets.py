@@ -32,6 +32,7 @@ MODULES = {
     "forwarder": "tests.fuzz.target_forwarder",
     "vrrp": "tests.fuzz.target_vrrp",
     "sync": "tests.fuzz.target_sync",
+    "handshake": "tests.fuzz.target_handshake",
     "control": "tests.fuzz.target_control",
     "control_server": "tests.fuzz.target_control_server",
     "config": "tests.fuzz.target_config",

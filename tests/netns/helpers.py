@@ -2,14 +2,32 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from lab.harness import Holder
+from lab.harness import ENV, Holder
 from tests.netns.harness import LabEnv
 
-__all__ = ["Holder", "Samples", "cut_vrrp", "drops", "holds", "metric", "scrape"]
+__all__ = ["Holder", "Samples", "cut_vrrp", "drops", "holds", "metric", "result", "scrape",
+           "spawn_lab"]
+
+
+def spawn_lab(env: LabEnv, host: str, module: str, *args: str) -> subprocess.Popen[str]:
+    """``python -m MODULE ARGS`` of this tree (lab.client, lab.synflood …) in ``host``,
+    running in the background; :func:`result` waits for its JSON answer."""
+    return subprocess.Popen(["ip", "netns", "exec", env.lab.ns(host), sys.executable, "-m",
+                             module, *args], stdout=subprocess.PIPE, text=True,
+                            env={**ENV, "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+
+
+def result(proc: subprocess.Popen[str], timeout: float = 60) -> Any:
+    """The last JSON line a :func:`spawn_lab` process printed (it must end in ``timeout``)."""
+    out, _ = proc.communicate(timeout=timeout)
+    return json.loads(out.strip().splitlines()[-1])
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

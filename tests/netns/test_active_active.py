@@ -12,7 +12,6 @@ server. A restarted node takes its VIP back only once it has the peer's table.
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
@@ -22,10 +21,10 @@ from typing import Any
 
 import pytest
 
-from lab.harness import ENV, shipped_node_config
+from lab.harness import shipped_node_config
 from lab.topology import CLIENTS, GATEWAY, SERVERS, VIP, VIP_B, wait_until
 from tests.netns.harness import LabEnv, Lbd
-from tests.netns.helpers import holds, metric, scrape
+from tests.netns.helpers import holds, metric, result, scrape, spawn_lab
 
 pytestmark = pytest.mark.topology(pair=True)
 
@@ -68,14 +67,7 @@ def pinned(env: LabEnv, client: str, vip: str, count: int = 4) -> str:
 
 
 def spawn_client(env: LabEnv, host: str, *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(["ip", "netns", "exec", env.lab.ns(host), sys.executable, "-m",
-                             "lab.client", *args], stdout=subprocess.PIPE, text=True,
-                            env={**ENV, "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
-
-
-def result(proc: subprocess.Popen[str]) -> Any:
-    out, _ = proc.communicate(timeout=60)
-    return json.loads(out.strip().splitlines()[-1])
+    return spawn_lab(env, host, "lab.client", *args)
 
 
 def streaming(lbd: Lbd, count: int) -> bool:

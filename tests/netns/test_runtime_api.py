@@ -145,3 +145,25 @@ def test_demote_moves_the_addresses_to_the_peer_with_a_stream_intact(env: LabEnv
     finally:
         holder.close()
     a.stop(signal.SIGTERM)
+
+
+@pytest.mark.topology(pair=True)
+def test_operator_state_reaches_the_peer_and_survives_a_takeover(env: LabEnv) -> None:
+    """A drain, a weight and a removed server set on the master are the backup's too: when
+    the master dies, the new master keeps them; a change on either node wins if later."""
+    a, b = start_synced_pair(env)
+    a.ctl("drain", "web", S2)
+    a.ctl("weight", "web", S1, "3")
+    a.ctl("remove-server", "web", S3)
+    want = {S1: (3, "enabled"), S2: (1, "drain")}
+    wait_until(lambda: {k: (v["weight"], v["admin"]) for k, v in servers(b).items()} == want,
+               timeout=5, what="the master's operator state on the backup")
+    assert b.ctl("sync")["operator_state"]["from_peer"]["applied"] >= 1
+    a.stop(signal.SIGKILL)
+    wait_states(b, "MASTER", timeout=5)
+    assert answers(env, "c1", 6) == {"s1": 6}  # s2 drained, s3 removed: new clients on s1
+    b.ctl("enable", "web", S2)  # changed on the survivor, later: the restarted node takes it
+    a.start()
+    wait_until(lambda: servers(a)[S2]["admin"] == "enabled", timeout=10,
+               what="the survivor's later change on the restarted node")
+    assert {k: v["weight"] for k, v in servers(a).items()} == {S1: 3, S2: 1}

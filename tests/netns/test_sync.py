@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
-from lab.topology import SERVERS, VIP, wait_until
+from lab.topology import LB_SYNC, SERVERS, VIP, wait_until
 from tests.netns import configs
 from tests.netns.harness import LabEnv, Lbd
-from tests.netns.helpers import Holder, cut_vrrp
+from tests.netns.helpers import Holder, cut_vrrp, metric, scrape
 from tests.netns.test_vrrp import states, wait_states
 
 pytestmark = pytest.mark.topology(pair=True)
@@ -63,6 +63,9 @@ def test_client_mid_session_survives_master_death(env: LabEnv) -> None:
         (client, server), = web_sessions(a)
         wait_until(lambda: (client, server) in web_sessions(b), timeout=5,
                    what="the session to reach the backup")
+        # lba knows lbb applied it: nothing left unacknowledged.
+        wait_until(lambda: a.ctl("sync")["unacked"] == 0, timeout=5,
+                   what="lbb to acknowledge the session")
         assert answers(env, 3) == {NAME_OF[server]: 3}  # persistence pins c1 to that server
         a.stop(signal.SIGKILL)
         wait_states(b, "MASTER", timeout=5)
@@ -94,15 +97,16 @@ def test_restarted_master_waits_for_the_table_before_preempting(env: LabEnv) -> 
 
 
 def test_forged_sync_frames_are_refused(env: LabEnv) -> None:
-    """A node with the wrong key cannot feed the backup: its frames are refused and counted."""
+    """A node with the wrong key cannot feed the backup: its handshake is refused, counted."""
     a, b = start_synced_pair(env)
     a.stop(signal.SIGKILL)
     wrong = Path(env.tmp / "wrong.key")
     wrong.write_text("not the shared secret at all!\n")
     a.config.write_text(a.config.read_text().replace(str(env.tmp / "sync.key"), str(wrong)))
     a.start()
-    wait_until(lambda: b.ctl("sync")["errors"].get("mac", 0) >= 1, timeout=10,
-               what="lbb to refuse lba's frames")
+    wait_until(lambda: b.ctl("sync")["errors"].get("handshake_proof", 0) >= 1, timeout=10,
+               what="lbb to refuse lba's handshake")
+    assert "handshake proof does not match" in b.log_text()
     assert states(b)["front"] in {"MASTER", "BACKUP"}
     assert b.proc is not None and b.proc.poll() is None
 
@@ -113,18 +117,84 @@ def test_split_brain_heals_and_the_backup_takes_the_masters_table(env: LabEnv) -
     try:
         (client, server), = web_sessions(a)
         snapshots = b.ctl("sync")["snapshots_received"]
+        connects = a.ctl("sync")["connects"]
         cut_vrrp(env, True)
         wait_states(b, "MASTER", timeout=5)  # both masters now; each ignores the other's stream
         cut_vrrp(env, False)
         wait_states(b, "BACKUP", timeout=5)
-        # The demoted node asked for a fresh snapshot (by dropping the stream it receives on);
-        # its table is the master's again, and a failover now keeps the client's connection.
+        # The demoted node asked for a fresh snapshot (a SnapshotRequest on the stream it
+        # receives on, which stays up); its table is the master's again, and a failover now
+        # keeps the client's connection.
         wait_until(lambda: b.ctl("sync")["snapshots_received"] > snapshots
                    and b.ctl("sync")["peer_snapshot_done"]
                    and (client, server) in web_sessions(b), timeout=10,
                    what="lbb to take lba's table again")
+        assert b.ctl("sync")["snapshot_requests_sent"] >= 1
+        assert a.ctl("sync")["snapshot_requests_received"] >= 1
+        assert a.ctl("sync")["connects"] == connects  # asked for, not reconnected
         a.stop(signal.SIGKILL)
         wait_states(b, "MASTER", timeout=5)
         assert holder.send() == ["data"]
     finally:
         holder.close()
+
+
+def test_a_replayed_connection_is_refused_and_installs_nothing(env: LabEnv) -> None:
+    """Record a genuine connection to lba (right key, one record), replay its bytes: lba has
+    seen its CHALLENGE's nonce, lbb never did but its own fresh nonce makes the recorded
+    CONFIRM wrong. Both refuse before any frame, and the real pair is not disturbed."""
+    a, b = start_synced_pair(env)
+    recorded = env.tmp / "recorded.bin"
+    got = env.python("lbb", "tests.netns.sync_replay", "record", LB_SYNC["lba"], "7411",
+                     "--key-file", str(env.tmp / "sync.key"), "--out", str(recorded))
+    assert got["applied"] >= 1  # the genuine connection's record was applied ...
+    before = a.ctl("sync")
+    assert before["skipped"].get("unknown_service", 0) >= 1  # ... and changed no table
+    sessions = len(a.ctl("sessions"))
+    connects = (a.ctl("sync")["connects"], b.ctl("sync")["connects"])
+    b_received = b.ctl("sync")["records_received"]
+
+    got = env.python("lbb", "tests.netns.sync_replay", "replay", LB_SYNC["lba"], "7411",
+                     "--file", str(recorded))
+    assert got == {"answered": 0, "closed": True}
+    wait_until(lambda: a.ctl("sync")["errors"].get("handshake_nonce_reused", 0) == 1,
+               timeout=5, what="lba to refuse the replayed challenge")
+    got = env.python("lba", "tests.netns.sync_replay", "replay", LB_SYNC["lbb"], "7411",
+                     "--file", str(recorded))
+    assert got == {"answered": 0, "closed": True}  # the CONFIRM came with it: no RESPONSE
+    wait_until(lambda: b.ctl("sync")["errors"].get("handshake_proof", 0) == 1,
+               timeout=5, what="lbb to refuse the replayed confirm")
+
+    after = a.ctl("sync")
+    assert after["records_received"] == before["records_received"]
+    assert after["skipped"] == before["skipped"]
+    assert len(a.ctl("sessions")) == sessions
+    assert b.ctl("sync")["records_received"] == b_received
+    assert "a replayed connection" in a.log_text()
+    assert (a.ctl("sync")["connects"], b.ctl("sync")["connects"]) == connects
+    assert a.ctl("sync")["connected"] and b.ctl("sync")["connected"]
+
+
+def test_a_config_mismatch_is_shown_and_logged_once(env: LabEnv) -> None:
+    """lbb reloads with another scheduler for dns: allowed, but both nodes show it (lbctl sync,
+    metric) and log it once; reloading back makes them match again."""
+    a, b = start_synced_pair(env)
+    assert a.ctl("sync")["peer_config_match"] is True
+    assert metric(scrape(env, "lba"), "lbd_sync_peer_config_match") == 1
+    same = b.config.read_text()
+    block = 'protocol = "udp"\npool = "dns"\nscheduler = "rr"'
+    assert block in same
+    b.config.write_text(same.replace(block, block.replace('"rr"', '"wrr"')))
+    b.ctl("reload")
+    for lbd in (a, b):
+        wait_until(lambda lbd=lbd: lbd.ctl("sync")["peer_config_match"] is False,  # type: ignore[misc]
+                   timeout=5, what=f"{lbd.host} to see the mismatch")
+    assert metric(scrape(env, "lba"), "lbd_sync_peer_config_match") == 0
+    assert a.ctl("sync")["connected"] and b.ctl("sync")["connected"]
+    for lbd in (a, b):
+        assert lbd.log_text().count("has other virtual servers or pools") == 1
+    b.config.write_text(same)
+    b.ctl("reload")
+    for lbd in (a, b):
+        wait_until(lambda lbd=lbd: lbd.ctl("sync")["peer_config_match"] is True,  # type: ignore[misc]
+                   timeout=5, what=f"{lbd.host} to see the configs match again")

@@ -67,6 +67,35 @@ def test_higher_priority_is_master_for_both_instances(env: LabEnv) -> None:
     assert not holds(env, "lbb", "198.18.0.1", "eth1")
 
 
+def test_a_reload_changes_adverts_and_priority_in_place(env: LabEnv) -> None:
+    """Advert interval, priority and preempt reload without a restart: a change that does
+    not alter who should be master moves nothing; a priority above the master's preempts, as
+    at any priority change; a VRID change is refused and the old config kept."""
+    a, b = start_pair(env)
+    moves = {lbd.host: {n: v["transitions"] for n, v in lbd.ctl("vrrp").items()}
+             for lbd in (a, b)}
+    a.config.write_text(a.config.read_text().replace('advert_interval = "100ms"',
+                                                     'advert_interval = "50ms"'))
+    assert a.ctl("reload")["reloaded"]
+    wait_until(lambda: all(v["master_advert_interval"] == 0.05 for v in b.ctl("vrrp").values()),
+               timeout=5, what="the backup to learn the master's new advert interval")
+    assert {lbd.host: {n: v["transitions"] for n, v in lbd.ctl("vrrp").items()}
+            for lbd in (a, b)} == moves  # nobody moved
+    assert states(a) == {"front": "MASTER", "back": "MASTER"}
+    assert "reloaded in place" in a.log_text()
+    b.config.write_text(b.config.read_text().replace("priority = 100", "priority = 250"))
+    assert b.ctl("reload")["reloaded"]
+    wait_states(b, "MASTER", timeout=5)
+    wait_states(a, "BACKUP", timeout=5)
+    assert b.ctl("vrrp")["front"]["base_priority"] == 250
+    text = b.config.read_text()
+    b.config.write_text(text.replace("vrid = 51", "vrid = 61"))
+    assert b.ctl("reload", check=False) is None
+    assert "vrrp.instances.front.vrid: changes need a restart" in b.log_text()
+    assert b.ctl("vrrp")["front"]["vrid"] == 51 and states(b)["front"] == "MASTER"
+    assert sum(get_ok(env).values()) == 3
+
+
 def test_sigkill_master_backup_takes_over(env: LabEnv) -> None:
     a, b = start_pair(env)
     assert set(get_ok(env)) <= {"s1", "s2", "s3"}

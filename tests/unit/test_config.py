@@ -26,6 +26,7 @@ from lb.config import (
     load_config,
     parse_config,
     parse_duration,
+    vrrp_restart_needed,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -1001,6 +1002,34 @@ def test_service_digest_follows_services_not_timeouts() -> None:
     vs = dataclasses.replace(base.virtual_servers[0], port=81)
     moved = dataclasses.replace(base, virtual_servers=(vs, *base.virtual_servers[1:]))
     assert base.service_digest() != moved.service_digest()
+
+
+@pytest.mark.parametrize(("old", "new", "needs_restart"), [
+    ("vrid = 51", "vrid = 51\npriority = 150", []),
+    ("vrid = 51", "vrid = 51\nadvert_interval = \"30ms\"\npreempt = false", []),
+    ("vrid = 51", "vrid = 51\ngarp_count = 2\npreempt_delay = \"5s\"", []),
+    ('track_pools = [{ pool = "web", weight = -50 }]', "", []),
+    ("vrid = 51", "vrid = 53", ["vrrp.instances.front.vrid"]),
+    ('[vrrp.instances.front]\ninterface = "eth0"', '[vrrp.instances.front]\ninterface = "eth2"',
+     ["vrrp.instances.front.interface"]),
+    ('addresses = ["198.51.100.10"]', 'addresses = ["198.51.100.10", "198.51.100.12"]',
+     ["vrrp.instances.front.addresses"]),
+    ("vrid = 51", 'vrid = 51\nunicast_peers = ["198.51.100.3"]',
+     ["vrrp.instances.front.unicast_peers"]),
+    ('instances = ["front", "back"]', 'instances = ["front"]', ["vrrp.groups"]),
+    ("[vrrp.instances.back]", "[vrrp.instances.rear]",
+     ["vrrp.instances.back", "vrrp.instances.rear", "vrrp.groups", "vrrp.gateway"]),
+])
+def test_which_vrrp_changes_reload_in_place(old: str, new: str,
+                                            needs_restart: list[str]) -> None:
+    before = parse_config(tomllib.loads(BASE), SOURCE)
+    text = BASE.replace(old, new, 1)
+    if "rear" in new:
+        text = text.replace('instances = ["front", "back"]', 'instances = ["front", "rear"]')
+    after = parse_config(tomllib.loads(text), SOURCE)
+    assert after != before
+    assert vrrp_restart_needed(before, after) == needs_restart
+    assert vrrp_restart_needed(before, before) == []
 
 
 def test_state_dir_default() -> None:

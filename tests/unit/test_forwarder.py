@@ -195,6 +195,7 @@ SYN_TO_S1 = tcp(CLIENT, S1, 40000, HTTP)
 SYNACK_FROM_S1 = tcp(S1, CLIENT, HTTP, 40000, "SA", seq=5000, ack=1001)
 SYNACK_FROM_VIP = tcp(VIP, CLIENT, 80, 40000, "SA", seq=5000, ack=1001)
 ACK = tcp(CLIENT, VIP, 40000, 80, "A", seq=1001, ack=5001)
+ACK_TO_S1 = tcp(CLIENT, S1, 40000, HTTP, "A", seq=1001, ack=5001)
 DNS_Q = udp(CLIENT, VIP, 33000, 53, b"query")
 DNS_Q_TO_S1 = udp(CLIENT, S1, 33000, DNS, b"query")
 DNS_R_FROM_S1 = udp(S1, CLIENT, DNS, 33000, b"answer")
@@ -247,6 +248,11 @@ def sessions_in(n: int) -> Action:
     def check(w: World) -> None:
         assert len(w.sessions) == n
     return check
+
+
+def _evicted_check(w: World) -> None:
+    (s,) = list(w.sessions)
+    assert (s.cport, w.sessions.half_open_evictions) == (40001, 1)
 
 
 def _reuse_check(w: World) -> None:
@@ -342,11 +348,16 @@ CASES: list[Case] = [
          (admin(S1, AdminState.DISABLED), admin(S2, AdminState.DRAIN),
           send(SYN, rst(VIP, CLIENT, 80, 40000, seq=0, ack=1001, flags="RA"))),
          drops={"no_server": 1}),
-    Case("table full (max_sessions=1): a second flow is dropped, no RST (table_full)",
-         (fwd(SYN, SYN_TO_S1), drop(syn_from(CLIENT, 40001)),
+    Case("table full (max_sessions=1) of an established flow: a second flow is dropped, "
+         "no RST (table_full)",
+         (fwd(SYN, SYN_TO_S1), fwd(ACK, tcp(CLIENT, S1, 40000, HTTP, "A", seq=1001, ack=5001)),
+          drop(syn_from(CLIENT, 40001)),
           fwd(ACK, tcp(CLIENT, S1, 40000, HTTP, "A", seq=1001, ack=5001))),
          drops={"table_full": 1}, counters={"resets_sent": 0},
          config=lambda: make_config(max_sessions=1), check=sessions_in(1)),
+    Case("table full (max_sessions=1) of a half-open flow: a new SYN takes its place",
+         (fwd(SYN, SYN_TO_S1), fwd(syn_from(CLIENT, 40001), syn_to(CLIENT, 40001, S2))),
+         config=lambda: make_config(max_sessions=1), check=_evicted_check),
     Case("a flow whose server-side 5-tuple another session owns is dropped as a conflict, "
          "not as table_full (two virtual servers, one pool, same client port)",
          (fwd(SYN, SYN_TO_S1), drop(tcp(CLIENT, VIP, 40000, 8000))),
@@ -578,7 +589,8 @@ def _refused_changes_nothing(w: World, steps: Sequence[Step | Action], last: Ste
 
 def test_table_full_binds_no_new_client_network() -> None:
     w = make_world(make_config(persistence="client-ip", max_sessions=1))
-    _refused_changes_nothing(w, [fwd(syn_from(CLIENT, 40000), syn_to(CLIENT, 40000, S1))],
+    _refused_changes_nothing(w, [fwd(syn_from(CLIENT, 40000), syn_to(CLIENT, 40000, S1)),
+                                 fwd(ACK, ACK_TO_S1)],  # established: no SYN evicts it
                              drop(syn_from(FAR, 40000)))
     assert w.fwd.drops == {"table_full": 1}
 
@@ -586,7 +598,8 @@ def test_table_full_binds_no_new_client_network() -> None:
 def test_table_full_leaves_a_binding_to_a_server_gone_down() -> None:
     w = make_world(make_config(persistence="client-ip", max_sessions=1))
     _refused_changes_nothing(
-        w, [fwd(syn_from(CLIENT, 40000), syn_to(CLIENT, 40000, S1)), down(S1)],
+        w, [fwd(syn_from(CLIENT, 40000), syn_to(CLIENT, 40000, S1)), fwd(ACK, ACK_TO_S1),
+            down(S1)],
         drop(syn_from(CLIENT, 40001)))
     assert [b.server.addr for b in w.persistence] == [ip_to_int(S1)]
 

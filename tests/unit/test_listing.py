@@ -30,7 +30,8 @@ def table(n: int) -> tuple[SessionTable[Service], Service]:
                                       {"address": "198.18.0.12", "port": 8080}]}},
     }, "test_listing"))
     (web,) = ss.services
-    t: SessionTable[Service] = SessionTable(SessionTimeouts(), n + 10, observer=ServiceCounts())
+    t: SessionTable[Service] = SessionTable(SessionTimeouts(), n + 10, observer=ServiceCounts(),
+                                            max_half_open=n)  # SYNs only: none evicted
     servers = ss.pools["web"].servers
     base = ip_to_int("198.51.100.100")
     for i in range(n):

@@ -102,3 +102,25 @@ def test_a_corrupt_file_is_moved_aside_and_a_fresh_start(tmp_path: Path) -> None
     assert "moved aside" in problem
     assert not (tmp_path / opstate.FILE_NAME).exists()
     assert (tmp_path / (opstate.FILE_NAME + ".corrupt")).exists()
+
+
+def test_the_later_operator_state_wins_and_both_nodes_agree_at_a_tie() -> None:
+    ours = OperatorState(changed_at=1000)
+    ours.update("web", "198.18.0.11:8080", admin=AdminState.DRAIN)
+    theirs = OperatorState(changed_at=2000)
+    theirs.update("web", "198.18.0.12:8080", weight=3)
+    assert theirs.newer_than(ours) and not ours.newer_than(theirs)
+    tie = OperatorState(dict(theirs.records), changed_at=1000)
+    assert tie.newer_than(ours) != ours.newer_than(tie)  # exactly one of the two wins
+    same = OperatorState(dict(ours.records), demoted=True, changed_at=1000)
+    assert not same.newer_than(ours) and not ours.newer_than(same)  # demoted is not shared
+    back = OperatorState.from_bytes(theirs.shared().to_bytes())
+    assert back.changed_at == 2000 and back.records == theirs.records
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "1", True, 2**63])
+def test_a_bad_changed_at_is_refused(bad: object) -> None:
+    doc = OperatorState().to_dict()
+    doc["changed_at"] = bad
+    with pytest.raises(StateError, match="changed_at"):
+        OperatorState.from_dict(doc)

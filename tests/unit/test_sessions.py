@@ -132,16 +132,18 @@ def test_create_indexes_both_directions(
 
 def test_full_table_drops_new_flows_and_leaves_the_rest() -> None:
     t, rec = table(max_sessions=2)
+    t.max_half_open = 2
     a, b = servers()
     s1 = open_tcp(t, a, 1)
     s2 = open_tcp(t, b, 2)
-    assert t.create(TCP, CLIENT, 3, VIP, 80, a, SVC, TCP_SYN, 1.0) is None
+    # (a SYN would take a half-open session's place: the next tests)
+    assert t.create(UDP, CLIENT, 3, VIP, 80, a, SVC, 0, 1.0) is None
     assert t.full_drops == 1
     assert (len(t), t.created_total, a.active, a.created_total, b.active) == (2, 2, 1, 1, 1)
     assert rec.kinds() == ["added", "added"]
     assert t.lookup(s1.fkey) is s1
     assert t.lookup(s2.fkey) is s2
-    assert t.lookup(flow_key(TCP, CLIENT, 3, VIP, 80)) is None
+    assert t.lookup(flow_key(UDP, CLIENT, 3, VIP, 80)) is None
     t.remove(s1, "reset", 2.0)  # room again
     assert t.create(TCP, CLIENT, 3, VIP, 80, a, SVC, TCP_SYN, 2.0) is not None
 
@@ -175,6 +177,57 @@ def test_a_peer_record_replaces_a_closing_session_that_holds_its_reverse_key(
     assert t.lookup_reply(old.rkey) is (new if installed else old)
     assert (len(t), a.active) == (1, 1)
     assert rec.kinds() == (["added", "removed", "added"] if installed else ["added"])
+
+
+def test_a_syn_beyond_max_half_open_evicts_the_oldest_half_open_session() -> None:
+    t, rec = table(max_sessions=10)
+    t.max_half_open = 3
+    (a,) = servers(1)
+    first, second, third = (open_tcp(t, a, port) for port in (1, 2, 3))
+    t.seen_reply(first, SYNACK, 0.5)
+    t.seen_forward(first, TCP_ACK, 0.5)  # first completes its handshake: no longer half-open
+    assert (t.half_open, first.tcp_state) == (2, TcpState.ESTABLISHED)
+    fourth = open_tcp(t, a, 4, now=1.0)
+    assert (t.half_open, t.half_open_evictions) == (3, 0)
+    open_tcp(t, a, 5, now=2.0)  # the cap: the oldest half-open one (second) goes
+    assert t.half_open_evictions == 1
+    assert t.lookup(second.fkey) is None and t.lookup(first.fkey) is first
+    assert [r for kind, s, r in rec.events if kind == "removed"] == ["half_open_evicted"]
+    assert t.lookup(third.fkey) is third and t.lookup(fourth.fkey) is fourth
+    # A UDP flow or a mid-stream pick-up is no SYN: it never evicts.
+    assert t.create(UDP, CLIENT, 6, VIP, 53, a, SVC, 0, 3.0) is not None
+    assert t.half_open_evictions == 1
+
+
+def test_a_full_table_takes_a_syn_in_place_of_a_half_open_session_only() -> None:
+    t, _ = table(max_sessions=3)
+    (a,) = servers(1)
+    established = [t.install(TCP, CLIENT, p, VIP, 80, a, SVC, TcpState.ESTABLISHED, 0.0, 0.0)
+                   for p in (1, 2)]
+    flood = open_tcp(t, a, 3)
+    legit = open_tcp(t, a, 4, now=1.0)  # full: the half-open one makes room
+    assert (len(t), t.half_open, t.half_open_evictions, t.full_drops) == (3, 1, 1, 0)
+    assert t.lookup(flood.fkey) is None and t.lookup(legit.fkey) is legit
+    assert all(t.lookup(s.fkey) is s for s in established if s is not None)
+    t.seen_reply(legit, SYNACK, 1.1)
+    t.seen_forward(legit, TCP_ACK, 1.1)  # now every session is established
+    assert t.create(TCP, CLIENT, 5, VIP, 80, a, SVC, TCP_SYN, 2.0) is None
+    assert (t.full_drops, t.half_open) == (1, 0)
+
+
+def test_half_open_index_follows_every_way_into_and_out_of_syn_recv() -> None:
+    t, _ = table()
+    (a,) = servers(1)
+    s = t.install(TCP, CLIENT, 1, VIP, 80, a, SVC, TcpState.SYN_RECV, 0.0, 0.0)
+    assert s is not None and t.half_open == 1
+    t.install(TCP, CLIENT, 1, VIP, 80, a, SVC, TcpState.ESTABLISHED, 0.1, 0.1)
+    assert t.half_open == 0
+    t.seen_reply(s, TCP_RST, 0.2)  # closed; a new SYN on it opens it again
+    t.seen_forward(s, TCP_SYN, 0.3)
+    assert (s.tcp_state, t.half_open) == (TcpState.SYN_RECV, 1)
+    t.remove(s, "reset", 0.4)
+    assert t.half_open == 0
+    assert t.expire(1000.0) == 0
 
 
 # --- TCP states ------------------------------------------------------------------------------
@@ -533,7 +586,8 @@ class SessionModel(RuleBasedStateMachine):
         super().__init__()
         self.rec = Recorder()
         self.now = 0.0
-        self.table: SessionTable[str] = SessionTable(SMALL, 40, self.TICK, self)
+        self.table: SessionTable[str] = SessionTable(SMALL, 40, self.TICK, self,
+                                                     max_half_open=6)
         self.servers = servers(3)
         self.changes = 0
 
@@ -563,11 +617,14 @@ class SessionModel(RuleBasedStateMachine):
             t.remove(s, "reused", self.now)
             s = None
         if s is None:
-            before = (len(t), t.full_drops)
+            before = (len(t), t.full_drops, t.half_open, t.half_open_evictions)
             s = t.create(proto, CLIENT, cport, VIP, 80, self.servers[server], SVC, flags, self.now)
-            if s is None:
+            if s is None:  # a full table, and no half-open session a SYN could replace
                 assert before[0] == 40
+                assert not (proto == TCP and flags & TCP_SYN and before[2])
                 assert t.full_drops == before[1] + 1
+            elif t.half_open_evictions > before[3]:
+                assert before[2] == 6 or before[0] == 40
         else:
             t.seen_forward(s, flags, self.now)
 
@@ -610,6 +667,9 @@ class SessionModel(RuleBasedStateMachine):
         for s in t:
             assert t.lookup(s.fkey) is s
             assert t.lookup_reply(s.rkey) is s
+        assert t.half_open == sum(1 for s in t if s.tcp_state is TcpState.SYN_RECV) <= 6
+        assert t.half_open_evictions == sum(1 for e in self.rec.events
+                                            if e[2] == "half_open_evicted")
 
 
 SessionModel.TestCase.settings = settings(max_examples=150, stateful_step_count=60, deadline=None)
@@ -622,7 +682,7 @@ TestSessionModel = SessionModel.TestCase
 def test_memory_per_session_with_a_million_sessions() -> None:
     n = 1_000_000
     srvs = servers(4)
-    t: SessionTable[str] = SessionTable(SessionTimeouts(), n)
+    t: SessionTable[str] = SessionTable(SessionTimeouts(), n, max_half_open=n)  # all half-open
     args = [(CLIENT + (i >> 16), i & 0xFFFF, srvs[i & 3]) for i in range(n)]
     first = 16_666_667  # * 6e-5 = 1000.00002 s; the ints exist before tracing, not the floats
     stamps = list(range(first, first + n))

@@ -17,6 +17,7 @@ from ha.sync_codec import (
     MAX_BODY,
     SESSION_RECORD_SIZE,
     VERSION,
+    Applied,
     BindingGone,
     BindingRecord,
     DecodeError,
@@ -27,11 +28,13 @@ from ha.sync_codec import (
     Heartbeat,
     HeartbeatAck,
     Hello,
+    OperatorStateRecord,
     Record,
     SessionGone,
     SessionRecord,
     SnapshotBegin,
     SnapshotEnd,
+    SnapshotRequest,
     load_key,
     max_batch,
 )
@@ -47,6 +50,7 @@ BINDING = BindingRecord(6, 0xC633640A, 80, 0xC6336400, 0xC612000B, 8080, 600.0, 
 BINDING_GONE = BindingGone(6, 0xC633640A, 80, 0xC6336400)
 ONE_OF_EACH: list[Record] = [
     Hello("lb-a", 0xDEADBEEF_01020304),
+    Hello("lb-b", 7, bytes(range(16))),
     SnapshotBegin(),
     SESSION,
     UDP_SESSION,
@@ -56,6 +60,11 @@ ONE_OF_EACH: list[Record] = [
     SnapshotEnd(2, 1),
     Heartbeat(123_456_789_012),
     HeartbeatAck(123_456_789_012),
+    Applied(1),
+    Applied(2**64 - 1),
+    SnapshotRequest(),
+    OperatorStateRecord(b'{"format":1}'),
+    OperatorStateRecord(bytes(range(256)) * 256),  # MAX_BODY: the largest that fits
 ]
 
 
@@ -89,8 +98,8 @@ def test_a_mixed_stream_round_trips_in_order() -> None:
     assert dec.events() == ONE_OF_EACH
     assert dec.error is None
     # SESSION and UDP_SESSION share a frame; every other record has its own.
-    assert dec.frames == enc.sequence == 9
-    assert dec.sequence == 9
+    assert dec.frames == enc.sequence == len(ONE_OF_EACH) - 1
+    assert dec.sequence == len(ONE_OF_EACH) - 1
     assert dec.records == len(ONE_OF_EACH)
 
 
@@ -279,6 +288,8 @@ SESSION_BODY = struct.pack("!H", 1) + struct.pack("!BIHIHIHBI", 6, 1, 2, 3, 4, 5
         (_raw_frame(19, 1, HEARTBEAT_BODY + b"\0"), R.LENGTH),
         (_raw_frame(19, 1, b""), R.LENGTH),
         (_raw_frame(17, 1, b"\0"), R.LENGTH),  # snapshot begin has no body
+        (_raw_frame(22, 1, b"\0"), R.LENGTH),  # nor has a snapshot request
+        (_raw_frame(21, 1, b"\0" * 7), R.LENGTH),  # applied: a u64 sequence
         (_raw_frame(18, 1, b"\0" * 7), R.LENGTH),
         (_raw_frame(16, 1, struct.pack("!Q16s", 1, b"")), R.LENGTH),  # hello without a name
         (_raw_frame(16, 1, struct.pack("!Q16s", 1, b"") + b"\xff\xfe"), R.VALUE),  # not UTF-8
@@ -354,8 +365,12 @@ def test_a_refused_batch_yields_none_of_its_records() -> None:
         BindingGone(256, 1, 2, 3),  # proto
         Hello("", 1),
         Hello("lb-a", -1),
+        Hello("lb-a", 1, b"short digest"),
         SnapshotEnd(-1, 0),
         Heartbeat(2**64),
+        Applied(-1),
+        OperatorStateRecord(b""),
+        OperatorStateRecord(bytes(65537)),
     ],
 )
 def test_the_encoder_refuses_out_of_range_fields_and_keeps_its_sequence(record: Record) -> None:
@@ -392,11 +407,15 @@ records_st: st.SearchStrategy[Record] = st.one_of(
     st.builds(SessionGone, u8, u32, u16, u32, u16),
     st.builds(BindingRecord, u8, u32, u16, u32, u32, u16, ms, ms),
     st.builds(BindingGone, u8, u32, u16, u32),
-    st.builds(Hello, st.text(min_size=1, max_size=60), u64),
+    st.builds(Hello, st.text(min_size=1, max_size=60), u64, st.binary(min_size=16,
+                                                                      max_size=16)),
     st.just(SnapshotBegin()),
     st.builds(SnapshotEnd, u32, u32),
     st.builds(Heartbeat, u64),
     st.builds(HeartbeatAck, u64),
+    st.builds(Applied, u64),
+    st.just(SnapshotRequest()),
+    st.binary(min_size=1, max_size=64).map(OperatorStateRecord),
 )
 
 

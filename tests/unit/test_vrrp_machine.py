@@ -324,6 +324,54 @@ def test_backup_learns_master_advert_interval() -> None:
     assert lan.delivered[-1][2].max_adver_int_cs == 200
 
 
+# ------------------------------------------------------------------ reload in place
+
+
+def reloaded(m: VrrpMachine, **changes: object) -> VrrpConfig:
+    c = m.config
+    fields = {"vrid": c.vrid, "priority": c.priority, "advert_interval": c.advert_interval,
+              "primary_address": c.primary_address, "addresses": c.addresses,
+              "preempt": c.preempt, "preempt_delay": c.preempt_delay, **changes}
+    return VrrpConfig(**fields)  # type: ignore[arg-type]
+
+
+def test_a_reloaded_advert_interval_changes_the_masters_adverts_and_no_state() -> None:
+    lan = Lan([machine(200, A_ADDR, interval=1.0), machine(100, B_ADDR, interval=1.0)])
+    lan.start()
+    lan.run(3.05)
+    master, backup = lan.machines
+    master.reconfigure(reloaded(master, advert_interval=0.1), lan.now)
+    lan.run(2)
+    assert lan.states() == [State.MASTER, State.BACKUP]
+    assert [e.new for _, _, e in lan.events].count(State.MASTER) == 1  # no transition
+    sent = [t for i, t, _ in lan.delivered if i == 0 and t > lan.now - 1]
+    assert len(sent) >= 9  # every 0.1 s now
+    assert lan.delivered[-1][2].max_adver_int_cs == 10
+    assert backup.master_adver_interval == pytest.approx(0.1)
+
+
+def test_reloaded_preempt_and_priority_decide_as_at_start() -> None:
+    lan = Lan([machine(100, A_ADDR), machine(200, B_ADDR, preempt=False)])
+    lan.start(0)
+    lan.run(5)
+    lan.start(1)
+    lan.run(5)
+    assert lan.states() == [State.MASTER, State.BACKUP]
+    b = lan.machines[1]
+    b.reconfigure(reloaded(b, preempt=True), lan.now)  # the next advert of A is preempted
+    lan.run(3)
+    assert lan.states() == [State.BACKUP, State.MASTER]
+
+
+def test_a_reload_cannot_change_the_virtual_router_in_place() -> None:
+    m = machine(100, A_ADDR)
+    m.start(0.0)
+    for change in ({"vrid": 52}, {"addresses": (VIP, GW)}, {"primary_address": C_ADDR}):
+        with pytest.raises(ValueError, match="cannot change in place"):
+            m.reconfigure(reloaded(m, **change), 1.0)
+    assert m.config.vrid == 51
+
+
 # ------------------------------------------------------------------ tracking
 
 

@@ -1,0 +1,75 @@
+"""What the peer has not acknowledged yet on one sync connection (pure; time passed in).
+
+The sender writes frames, the peer answers :class:`~ha.sync_codec.Applied` with the sequence
+number of the last frame it has applied (once per read of its stream, not per frame). This
+module keeps the writes not yet covered by such an answer, so the sender knows the peer's
+position: how many records it has not applied and how old the oldest of them is — the real
+replication lag, where a heartbeat round trip only measures the link.
+
+Rules:
+
+- One entry per write (:meth:`AckWindow.sent`): the sequence number of the last frame it held,
+  the number of records in it that count (the caller leaves heartbeats out) and when it was
+  written. A write with no counted records adds no entry but still advances the position.
+- :meth:`AckWindow.applied` pops every entry whose last frame is at or below the acknowledged
+  sequence: a write counts as applied only once all of its frames are. An acknowledgement
+  behind the previous one is ignored; one ahead of anything sent is a protocol violation and
+  returns False (the caller drops the connection).
+- The window belongs to one connection: it is :meth:`~AckWindow.clear`\\ ed when the
+  connection ends. Nothing is resent from it on the next connection; a new connection always
+  starts with a snapshot of the sender's instances, which supersedes every record the old one
+  left unacknowledged.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+
+class AckWindow:
+    """Writes sent on one connection and not yet acknowledged by the peer."""
+
+    def __init__(self) -> None:
+        self._entries: deque[tuple[int, int, float]] = deque()  # (last seq, records, sent at)
+        self._unacked = 0
+        self.sent_sequence = 0
+        """Sequence number of the last frame written."""
+        self.acked_sequence = 0
+        """Highest sequence number the peer acknowledged."""
+
+    @property
+    def unacked(self) -> int:
+        """Records written and not acknowledged yet."""
+        return self._unacked
+
+    def oldest_unacked_age(self, now: float) -> float:
+        """Seconds since the oldest write not acknowledged yet (0 when all are)."""
+        if not self._entries:
+            return 0.0
+        return max(0.0, now - self._entries[0][2])
+
+    def sent(self, sequence: int, records: int, now: float) -> None:
+        """Frames up to ``sequence`` were written, carrying ``records`` counted records."""
+        self.sent_sequence = max(self.sent_sequence, sequence)
+        if records > 0:
+            self._entries.append((sequence, records, now))
+            self._unacked += records
+
+    def applied(self, sequence: int) -> bool:
+        """The peer applied every frame up to ``sequence``. False: it acknowledges a frame
+        that was never sent (nothing changes)."""
+        if sequence > self.sent_sequence:
+            return False
+        if sequence <= self.acked_sequence:
+            return True
+        self.acked_sequence = sequence
+        entries = self._entries
+        while entries and entries[0][0] <= sequence:
+            self._unacked -= entries.popleft()[1]
+        return True
+
+    def clear(self) -> None:
+        """The connection ended: forget it (see the module docstring: nothing is resent)."""
+        self._entries.clear()
+        self._unacked = 0
+        self.sent_sequence = self.acked_sequence = 0

@@ -1,0 +1,88 @@
+"""Acknowledgement bookkeeping of the sync sender, on a float clock."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ha.sync_window import AckWindow
+
+
+def test_an_empty_window_has_nothing_unacknowledged() -> None:
+    w = AckWindow()
+    assert w.unacked == 0 and w.oldest_unacked_age(100.0) == 0.0
+
+
+def test_applied_pops_every_write_at_or_below_the_sequence() -> None:
+    w = AckWindow()
+    w.sent(1, 1, 10.0)  # Hello
+    w.sent(3, 2001, 10.0)  # a snapshot chunk of two frames
+    w.sent(4, 5, 10.5)
+    assert w.unacked == 2007
+    assert w.oldest_unacked_age(11.0) == pytest.approx(1.0)
+    assert w.applied(2)  # half of the chunk: it stays
+    assert w.unacked == 2006 and w.oldest_unacked_age(11.0) == pytest.approx(1.0)
+    assert w.applied(3)
+    assert w.unacked == 5 and w.oldest_unacked_age(11.0) == pytest.approx(0.5)
+    assert w.applied(4)
+    assert w.unacked == 0 and w.oldest_unacked_age(11.0) == 0.0
+
+
+def test_heartbeat_writes_advance_the_position_but_count_nothing() -> None:
+    w = AckWindow()
+    w.sent(1, 3, 0.0)
+    w.sent(2, 0, 0.5)  # a heartbeat
+    assert w.unacked == 3 and w.sent_sequence == 2
+    assert w.applied(2)  # the peer acknowledges the heartbeat's frame too
+    assert w.unacked == 0 and w.acked_sequence == 2
+
+
+def test_an_old_acknowledgement_changes_nothing() -> None:
+    w = AckWindow()
+    w.sent(1, 1, 0.0)
+    w.sent(2, 1, 0.0)
+    assert w.applied(2)
+    w.sent(3, 4, 1.0)
+    assert w.applied(1) and w.unacked == 4 and w.acked_sequence == 2
+
+
+def test_an_acknowledgement_ahead_of_what_was_sent_is_refused() -> None:
+    w = AckWindow()
+    w.sent(2, 7, 0.0)
+    assert not w.applied(3)
+    assert w.unacked == 7 and w.acked_sequence == 0
+
+
+def test_clear_forgets_the_connection() -> None:
+    w = AckWindow()
+    w.sent(5, 9, 0.0)
+    w.clear()
+    assert w.unacked == 0 and w.sent_sequence == 0 and w.oldest_unacked_age(9.0) == 0.0
+    assert not w.applied(1)  # a new connection starts at sequence 1 again
+
+
+def test_the_age_never_goes_negative() -> None:
+    w = AckWindow()
+    w.sent(1, 1, 10.0)
+    assert w.oldest_unacked_age(9.0) == 0.0
+
+
+@given(st.lists(st.tuples(st.integers(1, 3), st.integers(0, 50)), min_size=1, max_size=40),
+       st.lists(st.integers(0, 200), max_size=10))
+def test_unacked_is_what_was_sent_after_the_last_acknowledgement(
+        writes: list[tuple[int, int]], acks: list[int]) -> None:
+    w = AckWindow()
+    seq, log = 0, []
+    for frames, records in writes:
+        seq += frames
+        w.sent(seq, records, float(seq))
+        log.append((seq, records))
+    acked = 0
+    for a in acks:
+        assert w.applied(a) == (a <= seq)
+        if a <= seq:
+            acked = max(acked, a)
+    assert w.unacked == sum(r for s, r in log if s > acked)
+    waiting = [s for s, r in log if s > acked and r > 0]
+    assert w.oldest_unacked_age(1000.0) == (1000.0 - waiting[0] if waiting else 0.0)
