@@ -33,6 +33,17 @@ instance now. The rules, for both nodes at once (active-active):
   A node's own sessions are never touched by the peer's snapshot.
 - **Expiry** of a copy is the owner's job while the peer's stream is up (it sends the
   removal); see :meth:`keep`.
+- **Restored entries** (loaded from this node's table snapshot on disk at start, see
+  :mod:`lb.table_snapshot`) are installed like the peer's copies and marked *provisional*
+  (:meth:`restored`): neither side may know yet who masters their instance — after a
+  blackout both nodes start mastering nothing and their first snapshots to each other are
+  empty. So a peer's snapshot removes a provisional entry only when it carried records of the
+  entry's instance (proof that the peer masters it: a node snapshots only what it owns); any
+  record from the peer for it replaces it and confirms it (the peer's live state wins); a
+  provisional copy is not held for the peer (:meth:`keep`): unless confirmed it ends by its
+  own idle clock. When this node
+  takes an instance over (:meth:`adopted`), its provisional entries become its own and are
+  sent to the peer, which then holds them as copies.
 
 Time: :meth:`apply` takes ``now``; records carry ages, computed with the injected clock when
 an event is turned into a record.
@@ -40,7 +51,7 @@ an event is turned into a record.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final
 
 from ha.sync_codec import (
@@ -84,7 +95,11 @@ class Replicator:
         self.holding = False  # the peer's stream is up: copies are expired by their owner
         self._snap_sessions: set[int] | None = None  # forward keys a snapshot carried
         self._snap_bindings: set[tuple[int, int]] | None = None
+        self._snap_instances: set[str] = set()  # instances a snapshot carried records of
         self.snapshot_done = False  # a complete snapshot from the peer was applied
+        # Restored from disk, not yet confirmed by the peer or adopted (see the docstring).
+        self._provisional_s: set[int] = set()  # forward keys
+        self._provisional_b: set[tuple[int, int]] = set()  # (service key, client net)
         # counters
         self.records_received = 0
         self.replies_reported = 0
@@ -100,6 +115,8 @@ class Replicator:
     session_changed = session_added
 
     def session_removed(self, s: Session[Service], reason: str) -> None:
+        if self._provisional_s:
+            self._provisional_s.discard(s.fkey)
         if self.connected and s.service.owned:
             self._push(SessionGone(s.proto, s.caddr, s.cport, s.vaddr, s.vport))
 
@@ -110,6 +127,8 @@ class Replicator:
     binding_changed = binding_added
 
     def binding_removed(self, b: Binding[Service], reason: str) -> None:
+        if self._provisional_b:
+            self._provisional_b.discard((b.service.key, b.client_net))
         if self.connected and b.service.owned:
             svc = b.service
             self._push(BindingGone(svc.proto, svc.vaddr, svc.vport, b.client_net))
@@ -167,10 +186,59 @@ class Replicator:
                              b.server.port, b.timeout, idle)
 
     # ---- expiry -----------------------------------------------------------------------------
-    def keep(self, service: Service) -> bool:
-        """Should a due session or binding of ``service`` stay? Yes for the peer's copies
-        while the peer's stream is up: their owner sends the removal."""
-        return self.holding and not service.owned
+    def keep(self, entry: Session[Service] | Binding[Service]) -> bool:
+        """Should a due session or binding stay? Yes for the peer's copies while the peer's
+        stream is up (their owner sends the removal), unless it is a provisional entry
+        restored from disk that the peer never confirmed."""
+        if not self.holding or entry.service.owned:
+            return False
+        if isinstance(entry, Session):
+            return entry.fkey not in self._provisional_s
+        return (entry.service.key, entry.client_net) not in self._provisional_b
+
+    # ---- restored from disk -----------------------------------------------------------------
+    def restored(self, sessions: Iterable[Session[Service]],
+                 bindings: Iterable[Binding[Service]]) -> None:
+        """These entries were installed from this node's snapshot on disk: provisional."""
+        self._provisional_s.update(s.fkey for s in sessions)
+        self._provisional_b.update((b.service.key, b.client_net) for b in bindings)
+
+    @property
+    def provisional(self) -> tuple[int, int]:
+        """Restored sessions and bindings not yet confirmed by the peer or adopted."""
+        return len(self._provisional_s), len(self._provisional_b)
+
+    def adopted(self, instance: str, now: float) -> int:
+        """This node took ``instance`` over: its provisional entries are this node's own now,
+        and the peer is sent them (it holds them as copies). Returns how many sessions."""
+        if not self._provisional_s and not self._provisional_b:
+            return 0
+        by_key = self.services().by_key
+        mine_b = []
+        for key in list(self._provisional_b):
+            svc = by_key.get(key[0])
+            if svc is None or svc.owner != instance:
+                continue
+            self._provisional_b.discard(key)
+            b = self.persistence.lookup(svc, key[1], now)
+            if b is not None:
+                mine_b.append(b)
+        mine_s = []
+        for fkey in list(self._provisional_s):
+            s = self.sessions.lookup(fkey)
+            if s is None:
+                self._provisional_s.discard(fkey)
+            elif s.service.owner == instance:
+                self._provisional_s.discard(fkey)
+                mine_s.append(s)
+        if self.connected:
+            for b in mine_b:
+                if b.service.owned:
+                    self._push(self._binding_record(b))
+            for s in mine_s:
+                if s.service.owned:
+                    self._push(self._session_record(s))
+        return len(mine_s)
 
     # ---- inbound ----------------------------------------------------------------------------
     def apply(self, ev: Record, now: float) -> None:
@@ -198,6 +266,8 @@ class Replicator:
                     self.late += 1
                 if self._snap_bindings is not None:
                     self._snap_bindings.add((svc.key, ev.client_net))
+                    self._snap_instances.add(svc.owner)
+                self._provisional_b.discard((svc.key, ev.client_net))
                 if self.persistence.install(svc, ev.client_net, server, ev.timeout,
                                             now - ev.idle, now) is None:
                     self._skip("table_refused")
@@ -213,6 +283,7 @@ class Replicator:
                     self.persistence.unbind(b, "peer")
         elif isinstance(ev, SnapshotBegin):
             self._snap_sessions, self._snap_bindings = set(), set()
+            self._snap_instances = set()
         elif isinstance(ev, SnapshotEnd):
             self._finish_snapshot(now)
 
@@ -229,6 +300,8 @@ class Replicator:
             self.late += 1
         if self._snap_sessions is not None:
             self._snap_sessions.add(fkey)
+            self._snap_instances.add(svc.owner)
+        self._provisional_s.discard(fkey)
         binding = None
         if svc.persistence:
             binding = self.persistence.lookup(svc, ev.caddr & svc.persistence_mask, now)
@@ -258,11 +331,16 @@ class Replicator:
         if carried_s is None or carried_b is None:
             self._skip("snapshot_end_without_begin")
             return
-        stale = [s for s in self.sessions if not s.service.owned and s.fkey not in carried_s]
+        # A provisional entry stays unless the snapshot carried records of its instance: then
+        # the peer masters that instance, and what it did not carry has ended there.
+        keep_s, keep_b, peers = self._provisional_s, self._provisional_b, self._snap_instances
+        stale = [s for s in self.sessions if not s.service.owned and s.fkey not in carried_s
+                 and (s.fkey not in keep_s or s.service.owner in peers)]
         for s in stale:
             self.sessions.remove(s, "resync", now)
         gone = [b for b in self.persistence
-                if not b.service.owned and (b.service.key, b.client_net) not in carried_b]
+                if not b.service.owned and (b.service.key, b.client_net) not in carried_b
+                and ((b.service.key, b.client_net) not in keep_b or b.service.owner in peers)]
         for b in gone:
             self.persistence.unbind(b, "resync")
         self.snapshots_received += 1
@@ -287,4 +365,6 @@ class Replicator:
         return {"records_received": self.records_received,
                 "snapshots_received": self.snapshots_received,
                 "replies_reported": self.replies_reported, "late": self.late,
-                "peer_snapshot_done": self.snapshot_done, "skipped": dict(self.skipped)}
+                "peer_snapshot_done": self.snapshot_done, "skipped": dict(self.skipped),
+                "provisional": {"sessions": len(self._provisional_s),
+                                "bindings": len(self._provisional_b)}}

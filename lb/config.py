@@ -128,6 +128,9 @@ class SessionsConfig:
     tcp_close_timeout: float = 10.0  # "10s"
     udp_timeout: float = 300.0  # "5m"
     expiry_tick: float = 0.1  # "100ms": granularity of session expiry
+    # How often the tables are written to <state_dir>/tables.snap (0: never; see
+    # lb.table_snapshot): a restart loses at most this much of the tables' changes.
+    snapshot_interval: float = 2.0  # "2s"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -576,6 +579,7 @@ def _sessions(t: _Table) -> SessionsConfig:
         tcp_close_timeout=t.get("tcp_close_timeout", positive, d.tcp_close_timeout),
         udp_timeout=t.get("udp_timeout", positive, d.udp_timeout),
         expiry_tick=t.get("expiry_tick", positive, d.expiry_tick),
+        snapshot_interval=t.get("snapshot_interval", _duration(), d.snapshot_interval),
     )
     t.finish()
     return sessions

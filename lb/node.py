@@ -54,6 +54,8 @@ from lb.runtime import Refused, ServerRuntime
 from lb.servers import AdminState, RealServer, candidates
 from lb.services import Service, ServiceSet, build_services
 from lb.sessions import Session, SessionTable, SessionTimeouts
+from lb.snapshot_store import SnapshotStore
+from lb.table_snapshot import Installed
 from lb.tun import open_tun
 
 log = logging.getLogger("lbd")
@@ -150,6 +152,11 @@ class Node:
             tick=config.sessions.expiry_tick, observer=self.counts,
             max_half_open=config.sessions.max_half_open or None)
         self.persistence: PersistenceTable[Service] = PersistenceTable()
+        # The tables on local disk: loaded at start, written every snapshot_interval.
+        self.snapshots = SnapshotStore(config.node.state_dir, config.service_digest(),
+                                       config.sessions.snapshot_interval, self.sessions,
+                                       self.persistence)
+        self._restored: Installed | None = None  # until the replication marks it provisional
         hold = (ReplyHold(config.sync.reply_hold_timeout, config.sync.reply_hold_packets)
                 if config.sync is not None else None)
         self.forwarder = Forwarder(self.services, self.sessions, self.persistence, hold=hold)
@@ -183,6 +190,12 @@ class Node:
         cfg = self.config
         self.loop = asyncio.get_running_loop()
         await self._load_operator_state()
+        # Before the data plane and VRRP: restored sessions belong to no one until a role
+        # says (they are installed as a peer's snapshot would be). In a thread: nothing else
+        # touches the tables yet, and 10⁶ sessions take seconds during which the loop must
+        # still ping systemd's watchdog.
+        self._restored = await asyncio.to_thread(self.snapshots.load, self.services,
+                                                 time.monotonic(), time.time())
         dp = cfg.dataplane
         self.kernel = await Kernel.open(route_table=dp.route_table,
                                         rule_priority=dp.rule_priority)
@@ -209,6 +222,7 @@ class Node:
                                                         self._extra_counters))
         self.collector.sources.append(lambda: self.check_stats.metrics(lambda: self.monitor))
         self.collector.sources.append(self._node_gauges)
+        self.collector.sources.append(self.snapshots.metrics)
         self.control = ControlServer(cfg.node.control_socket, self.control_handlers())
         await self.control.start()
         if cfg.metrics.listen is not None:
@@ -229,6 +243,8 @@ class Node:
                             "peer advertises, until lbctl promote")
             await self.ha.start()
             self.collector.sources.append(self.ha.metrics)
+        self._restored = None
+        self.snapshots.start()
         log.info("lbd node %s started: %d virtual servers, %d pools", cfg.node.name,
                  len(self.services.services), len(self.services.pools))
 
@@ -248,6 +264,8 @@ class Node:
                                 on_operator_state=self._peer_operator_state)
         rep.wake = self.sync.kick
         self.replicator = rep
+        if self._restored is not None:  # provisional until the peer or a takeover confirms
+            rep.restored(self._restored.sessions, self._restored.bindings)
         self.counts.downstream = rep
         self.persistence.observer = rep
         self.forwarder.peer = rep
@@ -270,6 +288,7 @@ class Node:
             await self.monitor.stop()
         if self.dataplane is not None:
             self.dataplane.stop()
+        await self.snapshots.stop()  # the tables as the data plane left them
         if self.owner is not None:
             await self.owner.release_all()
         if self.kernel is not None:
@@ -355,6 +374,8 @@ class Node:
 
                 n = self.sessions.refresh(of_instance, now)
                 self.persistence.refresh(of_instance, now)
+                if self.replicator is not None:  # restored from disk: ours now, the peer's copy
+                    self.replicator.adopted(name, now)
                 log.info("took instance %s: %d sessions adopted", name, n)
             elif isinstance(ev, Lost):
                 self.services.follow(self.roles.masters)
@@ -549,6 +570,7 @@ class Node:
         await self._install_services(new)
         if self.sync is not None:  # the peer sees whether our services still match its own
             self.sync.set_config_digest(new.service_digest())
+        self.snapshots.digest = new.service_digest()  # what the next start will compare
         if new.standalone and self.owner is not None:
             await self.hold_vips()
         if self.ha is not None:
@@ -597,6 +619,7 @@ class Node:
             "masters": sorted(self.roles.mastered),
             "demoted": self.runtime.operator.demoted,
             "sync": self.sync_status(),
+            "table_snapshot": self.snapshots.status(),
             "virtual_servers": {s.name: {"address": endpoint(s.vaddr, s.vport),
                                          "protocol": PROTO_NAMES[s.proto],
                                          "active_sessions": s.active,

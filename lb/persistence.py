@@ -278,10 +278,10 @@ class PersistenceTable(Generic[S]):
         return b
 
     def expire(self, now: float, budget: int = 1000,
-               keep: Callable[[S], bool] | None = None) -> int:
+               keep: Callable[[Binding[S]], bool] | None = None) -> int:
         """Remove bindings expired at ``now``; touch at most ``budget``. Returns how many.
 
-        A due binding whose service ``keep`` says to keep (the peer owns it) is filed again
+        A due binding that ``keep`` says to keep (the peer owns it) is filed again
         one timeout later instead.
 
         Call it every ``tick``: a binding is then removed no later than expiry + tick, and
@@ -291,7 +291,7 @@ class PersistenceTable(Generic[S]):
         due = self._wheel.sweep(now, budget)
         n = 0
         for b in due:
-            if keep is not None and keep(b.service):
+            if keep is not None and keep(b):
                 self._wheel.file(b, now + b.timeout)
                 continue
             self._drop(b, "expired")

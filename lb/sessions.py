@@ -167,6 +167,7 @@ def _compile(direction: str) -> tuple[int, ...]:
 
 _NEXT_INPUT: Final = _compile("input")
 _NEXT_OUTPUT: Final = _compile("output")
+_N_STATES: Final = len(TcpState)  # Enum.__len__ is a Python call: not per install
 _REUSABLE: Final = tuple(st in REUSABLE_STATES for st in TcpState)
 _CLOSING: Final = tuple(st in CLOSING_STATES for st in TcpState)
 
@@ -489,7 +490,7 @@ class SessionTable(Generic[S]):
         """
         if proto != IPPROTO_TCP:
             state = 0
-        elif not 0 < state < len(TcpState):
+        elif not 0 < state < _N_STATES:
             raise ValueError(f"not a TCP session state: {state}")
         state = int(state)
         fkey = _from_bytes(_pack_key(proto, caddr, vaddr, cport, vport), "big")
@@ -557,19 +558,19 @@ class SessionTable(Generic[S]):
             self._drop(s, reason, now)
 
     def expire(self, now: float, budget: int = 1000,
-               keep: Callable[[S], bool] | None = None) -> int:
+               keep: Callable[[Session[S]], bool] | None = None) -> int:
         """Remove the sessions whose deadline is ``<= now`` (reason "expired").
 
         Touches at most ``budget`` sessions; the next call resumes where this one stopped.
         Called every ``tick``, it removes each session within a tick after its deadline, and
-        never before. A due session whose service ``keep`` says to keep (a copy whose owner,
-        the peer, decides when it ends) is filed again one timeout later instead. Returns how
+        never before. A due session that ``keep`` says to keep (a copy whose owner, the peer,
+        decides when it ends) is filed again one timeout later instead. Returns how
         many it removed.
         """
         due = self._wheel.sweep(now, budget)
         n = 0
         for s in due:
-            if keep is not None and keep(s.service):
+            if keep is not None and keep(s):
                 self._wheel.file(s, now + self._timeout_of[s.state])
                 continue
             self._drop(s, "expired", now)

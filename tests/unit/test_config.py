@@ -230,6 +230,7 @@ DEFAULTS = [
     ("sessions.tcp_close_timeout", 10.0),
     ("sessions.udp_timeout", 300.0),
     ("sessions.expiry_tick", 0.1),
+    ("sessions.snapshot_interval", 2.0),
     ("metrics.listen", Endpoint("127.0.0.1", 9641)),
     ("virtual_servers.web.protocol", "tcp"),
     ("virtual_servers.web.scheduler", "wlc"),
@@ -286,6 +287,10 @@ VALUES: list[tuple[str, dict[str, Any], str, object]] = [
     ),
     ("sync endpoints", {}, "sync.peer", Endpoint("198.19.0.3", 7411)),
     ("duration in minutes", {"sessions__udp_timeout": "1.5m"}, "sessions.udp_timeout", 90.0),
+    ("snapshots every 500ms", {"sessions__snapshot_interval": "500ms"},
+     "sessions.snapshot_interval", 0.5),
+    ("snapshots disabled", {"sessions__snapshot_interval": "0s"}, "sessions.snapshot_interval",
+     0.0),
     (
         "address without prefix is /32",
         {},
@@ -554,6 +559,11 @@ ERRORS: list[tuple[str, dict[str, Any], str]] = [
         "negative duration",
         {"vrrp__instances__back__preempt_delay": "-1s"},
         'vrrp.instances.back.preempt_delay: invalid duration "-1s"',
+    ),
+    (
+        "snapshot interval not a duration",
+        {"sessions__snapshot_interval": 2},
+        "sessions.snapshot_interval: expected a duration string with a unit",
     ),
     # ranges and choices
     (
