@@ -73,3 +73,36 @@ class AckWindow:
         self._entries.clear()
         self._unacked = 0
         self.sent_sequence = self.acked_sequence = 0
+
+
+class Backlog:
+    """How much may sit unsent towards the peer before the connection is given up (pure).
+
+    The transport asks :meth:`over` with its write-buffer size after every write. A peer that
+    stops reading (frozen, overloaded) lets the buffer grow with every record; past ``limit``
+    bytes the sender drops the connection (the next one starts with a snapshot) instead of
+    holding an unbounded queue. A snapshot is written in one go and may alone exceed the
+    limit (1M sessions are tens of MB): its bytes are an allowance on top of ``limit``
+    (:meth:`snapshot_written`), so a snapshot never cuts its own connection, and what a
+    non-reading peer can cost is one snapshot plus ``limit``. The allowance ends once the
+    buffer is back within ``limit`` (the snapshot has left)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.allowance = 0
+        """Bytes of snapshots written and possibly still buffered."""
+
+    def snapshot_written(self, nbytes: int) -> None:
+        """``nbytes`` of a snapshot were written (before :meth:`over` is asked)."""
+        self.allowance += nbytes
+
+    def over(self, buffered: int) -> bool:
+        """``buffered`` bytes wait unsent: is that past the bound (drop the connection)?"""
+        if buffered <= self.limit:
+            self.allowance = 0
+            return False
+        return buffered > self.limit + self.allowance
+
+    def clear(self) -> None:
+        """The connection ended."""
+        self.allowance = 0
