@@ -209,12 +209,12 @@ class SyncService:
         writer.write(data)
         self.records_sent += len(records)
         counted = sum(1 for r in records if not isinstance(r, Heartbeat))
-        self._window.sent(encoder.sequence, counted, self.clock())
+        self._window.sent(encoder.sequence, counted, self.clock(), len(data))
         if snapshot:
             self._backlog.snapshot_written(len(data))
-        if self._backlog.over(writer.transport.get_write_buffer_size()):
+        if self._backlog.over(self._window.unacked_bytes):
             self._count(self.errors, "backlog")
-            log.warning("sync: %s does not read: over %d bytes wait unsent, connection "
+            log.warning("sync: %s does not keep up: over %d bytes not applied, connection "
                         "dropped (the next one starts with a snapshot)", self.cfg.peer,
                         self._backlog.limit)
             self._drop_outbound("peer too slow: backlog over limit")

@@ -308,8 +308,8 @@ class SyncConfig:
     # peer scheduled a moment ago) is held this long for the record, at most this many.
     reply_hold_timeout: float = 0.1
     reply_hold_packets: int = 1024
-    # Bytes the transport may hold unsent towards a peer that does not read (beyond a
-    # snapshot in flight) before it drops the connection; the next one starts with a snapshot.
+    # Bytes sent and not yet applied by a peer that does not keep up (beyond a snapshot in
+    # flight) before the transport drops the connection; the next one starts with a snapshot.
     max_backlog: int = 8 << 20
 
 

@@ -147,3 +147,15 @@ def test_a_snapshot_alone_never_cuts_and_the_bound_is_limit_plus_snapshots(
             return
         assert buffered <= 2000 + b.allowance  # what a connection may hold
         buffered = max(0, buffered - drained)
+
+
+def test_bytes_count_every_write_and_leave_with_their_acknowledgement() -> None:
+    w = AckWindow()
+    w.sent(1, 3, 0.0, 300)
+    w.sent(2, 0, 0.1, 20)  # a heartbeat: no record, but bytes in the pipe
+    w.sent(3, 1, 0.2, 100)
+    assert w.unacked_bytes == 420 and w.unacked == 4
+    w.applied(2)
+    assert w.unacked_bytes == 100 and w.unacked == 1
+    w.clear()
+    assert w.unacked_bytes == 0
