@@ -26,6 +26,12 @@ installed is decided by the pure :class:`~ha.replication.Replicator`; this modul
 its records: on connecting it sends a snapshot of the owned tables, then what the replicator
 queues, flushed once per loop iteration; what arrives is fed to it in order.
 
+Back-pressure: a peer that does not keep up may leave at most ``[sync] max_backlog`` bytes
+unapplied (:class:`~ha.sync_window.Backlog`, beyond a snapshot in flight); past that the
+outbound connection is aborted — its unsent bytes freed, never delivered — and counted as
+``backlog``. On the receiving side a new connection from the peer replaces any older one,
+of which nothing more is applied: the new connection's snapshot supersedes it.
+
 Gated takeover: a node that starts while a peer is reachable holds its VRRP priority down
 until the peer's snapshot has arrived (:attr:`SyncService.gate_open`), so a restarted node
 preempts only once it knows every session of the instances it is about to take.
