@@ -26,6 +26,12 @@ installed is decided by the pure :class:`~ha.replication.Replicator`; this modul
 its records: on connecting it sends a snapshot of the owned tables, then what the replicator
 queues, flushed once per loop iteration; what arrives is fed to it in order.
 
+Back-pressure: a peer that does not keep up may leave at most ``[sync] max_backlog`` bytes
+unapplied (:class:`~ha.sync_window.Backlog`, beyond a snapshot in flight); past that the
+outbound connection is aborted — its unsent bytes freed, never delivered — and counted as
+``backlog``. On the receiving side a new connection from the peer replaces any older one,
+of which nothing more is applied: the new connection's snapshot supersedes it.
+
 Gated takeover: a node that starts while a peer is reachable holds its VRRP priority down
 until the peer's snapshot has arrived (:attr:`SyncService.gate_open`), so a restarted node
 preempts only once it knows every session of the instances it is about to take.
@@ -60,7 +66,7 @@ from ha.sync_codec import (
 )
 from ha.sync_handshake import NONCE_SIZE, Handshake, HandshakeError, Keys, NonceLog, describe
 from ha.sync_peer import PeerConfig
-from ha.sync_window import AckWindow
+from ha.sync_window import AckWindow, Backlog
 from lb.config import SyncConfig
 
 log = logging.getLogger("lbd.sync")
@@ -68,7 +74,6 @@ log = logging.getLogger("lbd.sync")
 RECONNECT = 0.5  # seconds between connection attempts
 HEARTBEAT = 0.5  # seconds between heartbeats on a connection we send on
 GATE_TIMEOUT = 5.0  # seconds a starting node waits for the peer's snapshot at most
-MAX_BACKLOG = 8 << 20  # bytes buffered towards a slow peer before we drop and resnapshot
 HANDSHAKE_TIMEOUT = 2.0  # seconds a connection may take for its whole handshake
 
 HandshakeOutcome = Keys | HandshakeError | str
@@ -93,6 +98,7 @@ class SyncService:
         self.nonce = nonce
         self._nonces = NonceLog()  # client nonces seen by every inbound connection
         self._window = AckWindow()  # what the peer has not applied on our outbound connection
+        self._backlog = Backlog(cfg.max_backlog)  # what a peer that does not read may cost
         self._peer_config = PeerConfig(config_digest)
         self.rep = replicator
         self.masters_any = masters_any
@@ -135,7 +141,7 @@ class SyncService:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        self._drop_outbound("stopping")
+        self._drop_outbound("stopping", flush=True)
         for w in list(self._inbound):
             w.close()
         if self._server is not None:
@@ -210,17 +216,22 @@ class SyncService:
         if records:
             self._send(records)
 
-    def _send(self, records: list[Record]) -> None:
+    def _send(self, records: list[Record], *, snapshot: bool = False) -> None:
         writer, encoder = self._writer, self._encoder
         if writer is None or encoder is None:
             return
-        writer.write(encoder.frame(records))
+        data = encoder.frame(records)
+        writer.write(data)
         self.records_sent += len(records)
         counted = sum(1 for r in records if not isinstance(r, Heartbeat))
-        self._window.sent(encoder.sequence, counted, self.clock())
-        transport = writer.transport
-        if transport.get_write_buffer_size() > MAX_BACKLOG:
+        self._window.sent(encoder.sequence, counted, self.clock(), len(data))
+        if snapshot:
+            self._backlog.snapshot_written(len(data))
+        if self._backlog.over(self._window.unacked_bytes):
             self._count(self.errors, "backlog")
+            log.warning("sync: %s does not keep up: over %d bytes not applied, connection "
+                        "dropped (the next one starts with a snapshot)", self.cfg.peer,
+                        self._backlog.limit)
             self._drop_outbound("peer too slow: backlog over limit")
 
     def send_snapshot(self) -> None:
@@ -247,7 +258,9 @@ class SyncService:
             for chunk in self.rep.snapshot():
                 if self._writer is not writer:
                     return  # the connection is gone: the next one sends its own
-                self._send(chunk)
+                self._send(chunk, snapshot=True)
+                if self._writer is not writer:  # dropped: over the backlog beyond the snapshot
+                    return
                 end = chunk[-1]
                 try:
                     await writer.drain()
@@ -393,16 +406,25 @@ class SyncService:
             self._send([Heartbeat(int(self.clock() * 1000))])
             await asyncio.sleep(HEARTBEAT)
 
-    def _drop_outbound(self, why: str) -> None:
+    def _drop_outbound(self, why: str, *, flush: bool = False) -> None:
+        """End the outbound connection at once: abort, not close, so that what waits unsent
+        (up to the backlog bound) is freed now and never reaches the peer — the next
+        connection's snapshot supersedes it, and a late stale record must not follow that
+        snapshot (a close would flush the buffer first, whenever the peer reads again).
+        ``flush``: a graceful stop, whose last records the peer should still get."""
         self.rep.connected = False
         if self._snapshot_task is not None:
             self._snapshot_task.cancel()
             self._snapshot_task = None
         if self._writer is not None:
-            self._writer.close()
+            if flush:
+                self._writer.close()
+            else:
+                self._writer.transport.abort()
             self._writer = self._encoder = None
             self.rep.pending.clear()
             self._window.clear()
+            self._backlog.clear()
             log.info("sync: outbound connection closed (%s)", why)
 
     # ---- inbound ----------------------------------------------------------------------------
@@ -426,16 +448,23 @@ class SyncService:
         """The peer's stream: apply its records in order; after each read, tell it the last
         frame applied."""
         decoder, acks = Decoder(keys.receive), Encoder(keys.send)
+        # The peer sends on one connection at a time: a new one means the old is dead on its
+        # side (a partition, a frozen peer cut off for its backlog). What the old one still
+        # holds is older than the new connection's snapshot: abort it, apply none of it.
+        for old in list(self._inbound):
+            self._inbound.pop(old)
+            old.transport.abort()
+            log.info("sync: a new connection from the peer replaces an older one")
         self._inbound[writer] = acks
         self.rep.holding = True
         hello = False
         acked = 0
         try:
-            while True:
+            while writer in self._inbound:
                 if data:
                     self.last_received = self.clock()
                     decoder.feed(data)
-                while (ev := decoder.next_event()) is not None:
+                while writer in self._inbound and (ev := decoder.next_event()) is not None:
                     if isinstance(ev, DecodeError):
                         self._count(self.errors, ev.reason.value)
                         log.error("sync: refused a frame from the peer: %s", ev.reason.value)
@@ -449,14 +478,15 @@ class SyncService:
                         self.on_operator_state(ev.state)
                     else:
                         self._apply(ev)
-                if decoder.sequence > acked:
+                if writer in self._inbound and decoder.sequence > acked:
                     acked = decoder.sequence
                     writer.write(acks.frame([Applied(acked)]))
                 data = await reader.read(1 << 16)
                 if not data:
                     break
         finally:
-            self._inbound.pop(writer, None)
+            if self._inbound.get(writer) is acks:
+                self._inbound.pop(writer)
             self.rep.holding = bool(self._inbound)
 
     def _peer_hello(self, ev: Hello, *, first: bool) -> None:

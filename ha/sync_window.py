@@ -15,6 +15,11 @@ Rules:
   sequence: a write counts as applied only once all of its frames are. An acknowledgement
   behind the previous one is ignored; one ahead of anything sent is a protocol violation and
   returns False (the caller drops the connection).
+- Bytes are kept apart from records (every write counts, heartbeats too):
+  :attr:`AckWindow.unacked_bytes` is what the peer has not applied yet wherever it sits —
+  our write buffer, the kernel's socket buffers on both ends, the peer's queue — which is
+  what :class:`Backlog` bounds (the write buffer alone says nothing until the kernel's
+  buffers, several hundred kB, are full).
 - The window belongs to one connection: it is :meth:`~AckWindow.clear`\\ ed when the
   connection ends. Nothing is resent from it on the next connection; a new connection always
   starts with a snapshot of the sender's instances, which supersedes every record the old one
@@ -32,6 +37,8 @@ class AckWindow:
     def __init__(self) -> None:
         self._entries: deque[tuple[int, int, float]] = deque()  # (last seq, records, sent at)
         self._unacked = 0
+        self._bytes: deque[tuple[int, int]] = deque()  # (last seq, bytes) of every write
+        self._unacked_bytes = 0
         self.sent_sequence = 0
         """Sequence number of the last frame written."""
         self.acked_sequence = 0
@@ -42,15 +49,24 @@ class AckWindow:
         """Records written and not acknowledged yet."""
         return self._unacked
 
+    @property
+    def unacked_bytes(self) -> int:
+        """Bytes written (heartbeats included) and not acknowledged yet."""
+        return self._unacked_bytes
+
     def oldest_unacked_age(self, now: float) -> float:
         """Seconds since the oldest write not acknowledged yet (0 when all are)."""
         if not self._entries:
             return 0.0
         return max(0.0, now - self._entries[0][2])
 
-    def sent(self, sequence: int, records: int, now: float) -> None:
-        """Frames up to ``sequence`` were written, carrying ``records`` counted records."""
+    def sent(self, sequence: int, records: int, now: float, nbytes: int = 0) -> None:
+        """Frames up to ``sequence`` were written, carrying ``records`` counted records in
+        ``nbytes`` bytes."""
         self.sent_sequence = max(self.sent_sequence, sequence)
+        if nbytes > 0:
+            self._bytes.append((sequence, nbytes))
+            self._unacked_bytes += nbytes
         if records > 0:
             self._entries.append((sequence, records, now))
             self._unacked += records
@@ -66,10 +82,50 @@ class AckWindow:
         entries = self._entries
         while entries and entries[0][0] <= sequence:
             self._unacked -= entries.popleft()[1]
+        sizes = self._bytes
+        while sizes and sizes[0][0] <= sequence:
+            self._unacked_bytes -= sizes.popleft()[1]
         return True
 
     def clear(self) -> None:
         """The connection ended: forget it (see the module docstring: nothing is resent)."""
         self._entries.clear()
         self._unacked = 0
+        self._bytes.clear()
+        self._unacked_bytes = 0
         self.sent_sequence = self.acked_sequence = 0
+
+
+class Backlog:
+    """How much the peer may leave unapplied before the connection is given up (pure).
+
+    The transport asks :meth:`over` with :attr:`AckWindow.unacked_bytes` after every write
+    (which bounds its write buffer too). A peer that stops reading (frozen, overloaded) lets
+    that grow with every record; past ``limit`` bytes the sender drops the connection (the
+    next one starts with a snapshot) instead of holding an unbounded queue.
+
+    A snapshot is written in one go and may alone exceed the limit (1M sessions are tens of
+    MB): its bytes are an allowance on top of ``limit`` (:meth:`snapshot_written`), so a
+    snapshot never cuts its own connection, and what a non-reading peer can cost is one
+    snapshot plus ``limit``. The allowance ends once the backlog is back within ``limit``
+    (the snapshot has been applied)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.allowance = 0
+        """Bytes of snapshots written and possibly still buffered."""
+
+    def snapshot_written(self, nbytes: int) -> None:
+        """``nbytes`` of a snapshot were written (before :meth:`over` is asked)."""
+        self.allowance += nbytes
+
+    def over(self, buffered: int) -> bool:
+        """``buffered`` bytes wait for the peer: past the bound (drop the connection)?"""
+        if buffered <= self.limit:
+            self.allowance = 0
+            return False
+        return buffered > self.limit + self.allowance
+
+    def clear(self) -> None:
+        """The connection ended."""
+        self.allowance = 0

@@ -311,6 +311,9 @@ class SyncConfig:
     # peer scheduled a moment ago) is held this long for the record, at most this many.
     reply_hold_timeout: float = 0.1
     reply_hold_packets: int = 1024
+    # Bytes sent and not yet applied by a peer that does not keep up (beyond a snapshot in
+    # flight) before the transport drops the connection; the next one starts with a snapshot.
+    max_backlog: int = 8 << 20
 
 
 def _no_pools() -> Mapping[str, PoolConfig]:
@@ -888,6 +891,8 @@ def _sync(t: _Table) -> SyncConfig:
                                  _default(SyncConfig, "reply_hold_timeout")),
         reply_hold_packets=t.get("reply_hold_packets", _int(1, 1 << 20),
                                  _default(SyncConfig, "reply_hold_packets")),
+        max_backlog=t.get("max_backlog", _int(1 << 12, 1 << 30),
+                          _default(SyncConfig, "max_backlog")),
     )
     t.finish()
     return sync

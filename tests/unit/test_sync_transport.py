@@ -19,7 +19,7 @@ import pytest
 
 from ha.replication import Replicator
 from ha.sync import SyncService
-from ha.sync_codec import Encoder, Hello
+from ha.sync_codec import Encoder, Hello, SnapshotBegin, SnapshotEnd
 from ha.sync_handshake import NONCE_SIZE, Handshake, Keys
 from lb.config import Endpoint, SyncConfig, parse_config
 from lb.persistence import PersistenceTable
@@ -242,4 +242,44 @@ def test_operator_state_goes_to_the_peer_on_connect_and_on_every_change() -> Non
             assert got == [b"first", b"second"]
         finally:
             await stop(a, b)
+    run(main)
+
+
+async def _genuine(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, Keys]:
+    """A connection that passes the handshake (the peer's next connection)."""
+    reader, writer = await asyncio.open_connection(LOCAL, port)
+    hs = Handshake(KEY, os.urandom(NONCE_SIZE), initiator=True)
+    writer.write(hs.data_to_send())
+    while hs.result is None:
+        hs.feed(await reader.read(4096))
+    assert isinstance(hs.result, Keys)
+    writer.write(hs.data_to_send())
+    return reader, writer, hs.result
+
+
+def test_a_new_connection_from_the_peer_replaces_the_older_one() -> None:
+    """The peer sends on one connection at a time: once a new one passes its handshake, the
+    old one (dead on the peer's side after a partition or a backlog cut) is aborted and
+    nothing more of it is applied."""
+    async def main() -> None:
+        port = free_port()
+        a = service("a", port, free_port())
+        await a.start()
+        try:
+            _, old, old_keys = await _genuine(port)
+            old_enc = Encoder(old_keys.send)
+            old.write(old_enc.frame([Hello("x", 1)]))
+            await until(lambda: a.peer_node == "x", "the first connection's Hello")
+            _, new, new_keys = await _genuine(port)
+            new.write(Encoder(new_keys.send).frame([Hello("y", 2)]))
+            await until(lambda: a.peer_node == "y", "the second connection's Hello")
+            received = a.rep.records_received
+            old.write(old_enc.frame([SnapshotBegin(), SnapshotEnd(0, 0)]))  # stale
+            await asyncio.sleep(0.2)  # give a wrong implementation the time to apply it
+            assert a.rep.records_received == received and a.inbound_connected
+            assert not a.errors
+            new.close()
+            old.close()
+        finally:
+            await a.stop()
     run(main)

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ha.sync_window import AckWindow
+from ha.sync_window import AckWindow, Backlog
 
 
 def test_an_empty_window_has_nothing_unacknowledged() -> None:
@@ -86,3 +86,76 @@ def test_unacked_is_what_was_sent_after_the_last_acknowledgement(
     assert w.unacked == sum(r for s, r in log if s > acked)
     waiting = [s for s, r in log if s > acked and r > 0]
     assert w.oldest_unacked_age(1000.0) == (1000.0 - waiting[0] if waiting else 0.0)
+
+
+# ---- Backlog ------------------------------------------------------------------------------
+
+def test_a_buffer_within_the_limit_is_never_over() -> None:
+    b = Backlog(1000)
+    assert not b.over(0) and not b.over(1000)
+
+
+def test_live_records_past_the_limit_are_over() -> None:
+    b = Backlog(1000)
+    assert b.over(1001)
+
+
+def test_a_snapshot_bigger_than_the_limit_does_not_cut_itself() -> None:
+    b = Backlog(1000)
+    buffered = 0
+    for _ in range(50):  # 50 chunks of 300 bytes, nothing drained
+        b.snapshot_written(300)
+        buffered += 300
+        assert not b.over(buffered)
+    assert b.over(buffered + 1001)  # the limit still holds beyond the snapshot
+
+
+def test_the_allowance_ends_once_the_snapshot_has_left() -> None:
+    b = Backlog(1000)
+    b.snapshot_written(5000)
+    assert not b.over(5000)
+    assert not b.over(800)  # drained: the snapshot has left
+    assert b.allowance == 0
+    assert b.over(1500)  # a frozen peer after its snapshot: cut at the limit again
+
+
+def test_clear_forgets_the_allowance() -> None:
+    b = Backlog(1000)
+    b.snapshot_written(5000)
+    b.clear()
+    assert b.over(5000)
+
+
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 5000), st.integers(0, 5000)),
+                max_size=60))
+def test_a_snapshot_alone_never_cuts_and_the_bound_is_limit_plus_snapshots(
+        steps: list[tuple[bool, int, int]]) -> None:
+    """Writes (snapshot or live) of some bytes, then some drained: a snapshot's write never
+    cuts, a cut means past the limit, and a connection that stays holds at most the limit
+    plus the snapshots still allowed."""
+    b = Backlog(2000)
+    buffered = 0
+    for snapshot, wrote, drained in steps:
+        buffered += wrote
+        if snapshot:
+            b.snapshot_written(wrote)
+        cut = b.over(buffered)
+        if snapshot:
+            assert not cut
+        if cut:
+            assert buffered > 2000
+            return
+        assert buffered <= 2000 + b.allowance  # what a connection may hold
+        buffered = max(0, buffered - drained)
+
+
+def test_bytes_count_every_write_and_leave_with_their_acknowledgement() -> None:
+    w = AckWindow()
+    w.sent(1, 3, 0.0, 300)
+    w.sent(2, 0, 0.1, 20)  # a heartbeat: no record, but bytes in the pipe
+    w.sent(3, 1, 0.2, 100)
+    assert w.unacked_bytes == 420 and w.unacked == 4
+    w.applied(2)
+    assert w.unacked_bytes == 100 and w.unacked == 1
+    w.clear()
+    assert w.unacked_bytes == 0
