@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from lb.addr import ip_to_int
+from lb.atomicfile import write_atomically
 from lb.servers import AdminState
 
 __all__ = ["FILE_NAME", "FORMAT", "MAX_WEIGHT", "OperatorState", "Record", "StateError",
@@ -218,25 +219,8 @@ def _record(entry: object, where: str) -> Record:
 def save(directory: str | os.PathLike[str], state: OperatorState) -> Path:
     """Write ``state`` atomically as ``directory/operator-state.json``; returns the path."""
     d = Path(directory)
-    d.mkdir(mode=0o750, parents=True, exist_ok=True)
-    path = d / FILE_NAME
-    tmp = d / f".{FILE_NAME}.tmp"
-    data = state.to_bytes() + b"\n"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    tmp.replace(path)
-    dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-    return path
+    write_atomically(d, FILE_NAME, [state.to_bytes() + b"\n"])
+    return d / FILE_NAME
 
 
 def load(directory: str | os.PathLike[str]) -> tuple[OperatorState, str | None]:

@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import gc
 import logging
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -32,6 +31,7 @@ from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from lb.atomicfile import write_atomically
 from lb.persistence import PersistenceTable
 from lb.services import Service, ServiceSet
 from lb.sessions import Session, SessionTable
@@ -47,32 +47,6 @@ CHUNK = 2000
 _FREE_STEP = 10_000
 FREEZE_AT = 100_000
 """Restored entries from which the heap is frozen after the load (``gc.freeze``)."""
-
-
-def write_atomically(directory: Path, name: str, parts: list[bytes]) -> int:
-    """Write ``parts`` as ``directory/name``: temp file, fsync, rename, fsync of the
-    directory. Returns the bytes written."""
-    directory.mkdir(mode=0o750, parents=True, exist_ok=True)
-    tmp = directory / f".{name}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-    total = 0
-    try:
-        for part in parts:
-            view = memoryview(part)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
-                total += n
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    tmp.replace(directory / name)
-    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-    return total
 
 
 @dataclass(slots=True)
