@@ -25,7 +25,7 @@ from prometheus_client.core import (
 from ha.controller import HaController
 from ha.ownership import AddressOwner
 from ha.replication import Replicator
-from ha.roles import Lost, PeerSnapshotComplete, Roles, Took
+from ha.roles import STANDALONE, Lost, PeerSnapshotComplete, Roles, Took
 from ha.sync import SyncService
 from ha.sync_codec import load_key
 from ha.vrrp_machine import State
@@ -616,7 +616,10 @@ class Node:
             "sessions_half_open": self.sessions.half_open,
             "half_open_evicted": self.sessions.half_open_evictions,
             "persistence": len(self.persistence),
-            "masters": sorted(self.roles.mastered),
+            # A standalone node masters one implicit instance (ha.roles.STANDALONE, ""):
+            # not a VRRP instance, so not listed; "standalone" says it owns everything.
+            "masters": sorted(i for i in self.roles.mastered if i != STANDALONE),
+            "standalone": self.config.standalone,
             "demoted": self.runtime.operator.demoted,
             "sync": self.sync_status(),
             "table_snapshot": self.snapshots.status(),
