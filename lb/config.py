@@ -314,6 +314,10 @@ class SyncConfig:
     # Bytes sent and not yet applied by a peer that does not keep up (beyond a snapshot in
     # flight) before the transport drops the connection; the next one starts with a snapshot.
     max_backlog: int = 8 << 20
+    # A connection on which nothing arrives for this long is dead (the peer lost power, the
+    # link is cut and TCP has not noticed): dropped, and the peer's copies expire by their
+    # own timeouts again. Heartbeats and acknowledgements flow every 0.5 s on a live one.
+    peer_timeout: float = 5.0
 
 
 def _no_pools() -> Mapping[str, PoolConfig]:
@@ -893,7 +897,12 @@ def _sync(t: _Table) -> SyncConfig:
                                  _default(SyncConfig, "reply_hold_packets")),
         max_backlog=t.get("max_backlog", _int(1 << 12, 1 << 30),
                           _default(SyncConfig, "max_backlog")),
+        peer_timeout=t.get("peer_timeout", _duration(positive=True),
+                           _default(SyncConfig, "peer_timeout")),
     )
+    if sync.peer_timeout < 1.0:  # heartbeats and acknowledgements come every 0.5 s
+        t.errors.add(t.at("peer_timeout"), f"{sync.peer_timeout:g} s is less than 1s: a live "
+                     "connection, with a heartbeat every 0.5 s, would be dropped")
     t.finish()
     return sync
 

@@ -286,6 +286,8 @@ VALUES: list[tuple[str, dict[str, Any], str, object]] = [
         Endpoint("0.0.0.0", 9100),
     ),
     ("sync endpoints", {}, "sync.peer", Endpoint("198.19.0.3", 7411)),
+    ("sync peer_timeout default", {}, "sync.peer_timeout", 5.0),
+    ("sync peer_timeout", {"sync__peer_timeout": "2s"}, "sync.peer_timeout", 2.0),
     ("duration in minutes", {"sessions__udp_timeout": "1.5m"}, "sessions.udp_timeout", 90.0),
     ("snapshots every 500ms", {"sessions__snapshot_interval": "500ms"},
      "sessions.snapshot_interval", 0.5),
@@ -437,6 +439,9 @@ ERRORS: list[tuple[str, dict[str, Any], str]] = [
         "vrrp.instances.back.vrid: required key missing",
     ),
     ("missing sync key_file", {"sync__key_file": _DELETE}, "sync.key_file: required key missing"),
+    ("sync peer_timeout too short", {"sync__peer_timeout": "800ms"},
+     "sync.peer_timeout: 0.8 s is less than 1s: a live connection, with a heartbeat every "
+     "0.5 s, would be dropped"),
     ("empty servers", {"pools__dns__servers": []}, "pools.dns.servers: must not be empty"),
     (
         "empty vrrp addresses",
