@@ -194,9 +194,15 @@ def test_a_replayed_connection_is_refused_and_installs_nothing(env: LabEnv) -> N
     CONFIRM wrong. Both refuse before any frame, and the real pair is not disturbed."""
     a, b = start_synced_pair(env)
     recorded = env.tmp / "recorded.bin"
+    b_connects = b.ctl("sync")["connects"]
     got = env.python("lbb", "tests.netns.sync_replay", "record", LB_SYNC["lba"], "7411",
                      "--key-file", str(env.tmp / "sync.key"), "--out", str(recorded))
     assert got["applied"] >= 1  # the genuine connection's record was applied ...
+    # The recording connection, genuine, replaced lbb's real one on lba (the newest wins):
+    # lbb reconnects once. Wait for that before counting what the replays disturb.
+    wait_until(lambda: b.ctl("sync")["connects"] == b_connects + 1
+               and a.ctl("sync")["connected"] and b.ctl("sync")["connected"],
+               timeout=10, what="lbb to reconnect after the recording")
     before = a.ctl("sync")
     assert before["skipped"].get("unknown_service", 0) >= 1  # ... and changed no table
     sessions = len(a.ctl("sessions"))
