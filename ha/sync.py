@@ -126,8 +126,8 @@ class SyncService:
         self.snapshot_requests_received = 0
         self.errors: dict[str, int] = {}
         self.connects = 0
-        # Seconds before the next outbound attempt: RECONNECT, doubled by every refused
-        # handshake up to RECONNECT_MAX, back to RECONNECT once one succeeds.
+        # Seconds before the next outbound attempt: RECONNECT, doubled by every refused (not
+        # timed-out) handshake up to RECONNECT_MAX, back to RECONNECT once one succeeds.
         self.retry_delay = RECONNECT
         # Refusal reasons already logged since the last good handshake: a peer with the wrong
         # key is logged once per reason, not every attempt (every one is still counted).
@@ -373,7 +373,9 @@ class SyncService:
         keys = await self._handshake(reader, writer, hs)
         if not isinstance(keys, Keys):
             self._refused(keys, hs, f"connection to {self.cfg.peer}")
-            self.retry_delay = min(self.retry_delay * 2, RECONNECT_MAX)
+            if isinstance(keys, HandshakeError):  # refused: a wrong key will not heal soon;
+                # a peer that was slow or closed (frozen, restarting) is retried at once
+                self.retry_delay = min(self.retry_delay * 2, RECONNECT_MAX)
             return
         self._handshake_done()
         self._writer, self._encoder = writer, Encoder(keys.send)
