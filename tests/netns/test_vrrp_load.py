@@ -40,7 +40,11 @@ INSTANCES = ("front", "back")
 CURL = shutil.which("curl")
 TSHARK = shutil.which("tshark")
 NGINX = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
-MASTER_DOWN = 3 * 0.1 + (256 - 100) * 0.1 / 256  # lbb's, with lba's 100 ms adverts
+
+
+def master_down(advert: float) -> float:
+    """lbb's Master_Down_Interval (priority 100) with lba's ``advert`` seconds."""
+    return 3 * advert + (256 - 100) * advert / 256
 
 
 def sample(env: LabEnv, host: str) -> Samples:
@@ -106,11 +110,10 @@ def start_capture(env: LabEnv) -> tuple[subprocess.Popen[bytes], Path] | None:
     return proc, log
 
 
-def longest_gap(log: Path) -> tuple[float, int]:
+def advert_gaps(log: Path) -> list[float]:
     times = sorted(float(line) for line in log.read_text().split()
                    if re.fullmatch(r"\d+\.\d+", line))
-    gaps = [b - a for a, b in itertools.pairwise(times)]
-    return (max(gaps) if gaps else 0.0), len(times)
+    return [b - a for a, b in itertools.pairwise(times)]
 
 
 def start_nginx(env: LabEnv, name: str, port: int = 8080) -> None:
@@ -142,12 +145,13 @@ http {{
                what=f"nginx to listen in {name}")
 
 
-def start_load(env: LabEnv) -> Load:
+def start_load(env: LabEnv, streams: int) -> Load:
     iperf_log, wrk_log = env.tmp / "iperf3.json", env.tmp / "wrk.txt"
     # Both bounded by their own duration and connect timeouts; the test waits with a deadline.
     iperf = env.lab.spawn("c1", [
         "iperf3", "--client", VIP, "--port", str(IPERF_PORT), "--time", str(LOAD_SECONDS),
-        "--connect-timeout", "3000", "--json"], log=str(iperf_log))
+        "--parallel", str(streams), "--connect-timeout", "3000", "--json"],
+        log=str(iperf_log))
     wrk = env.lab.spawn("c2", [
         "wrk", "--threads", "2", "--connections", "32", "--duration", f"{LOAD_SECONDS}s",
         "--timeout", "2s", "--header", "Connection: close", f"http://{VIP}/"],
@@ -155,8 +159,12 @@ def start_load(env: LabEnv) -> Load:
     return Load(iperf, wrk, iperf_log, wrk_log)
 
 
+@pytest.mark.parametrize(("advert", "streams"), [("100ms", 1), ("30ms", 4)])
 def test_backup_stays_backup_while_the_master_is_saturated(
-        env: LabEnv, record_property: Callable[[str, object], None]) -> None:
+        env: LabEnv, record_property: Callable[[str, object], None], advert: str,
+        streams: int) -> None:
+    """At the shipped 100 ms adverts, and at 30 ms (issue 10: VRRP on its own thread, so the
+    data plane cannot starve it) with four iperf3 streams and wrk through the master."""
     # HTTP :8080 behind VIP:80: nginx where installed, else the lab's Python server.
     for name in ("s1", "s2", "s3"):
         if NGINX is not None:
@@ -167,9 +175,9 @@ def test_backup_stays_backup_while_the_master_is_saturated(
     wait_until(lambda: f":{IPERF_PORT} " in env.lab.sh("s1", "ss -ltnH"), timeout=10,
                what="iperf3 to listen in s1")
     extra = configs.iperf_service(IPERF_PORT)
-    a = env.lbd(configs.pair("lba", priority=200, advert="100ms") + extra, "lba")
+    a = env.lbd(configs.pair("lba", priority=200, advert=advert) + extra, "lba")
     wait_states(a, "MASTER")
-    b = env.lbd(configs.pair("lbb", priority=100, advert="100ms") + extra, "lbb")
+    b = env.lbd(configs.pair("lbb", priority=100, advert=advert) + extra, "lbb")
     wait_states(b, "BACKUP")
     wait_until(lambda: b.ctl("vrrp")["front"]["master"] == LB_FRONT["lba"], timeout=5,
                what="lbb to learn lba as the front master")
@@ -185,7 +193,7 @@ def test_backup_stays_backup_while_the_master_is_saturated(
     cpu0, t0 = cpu_seconds(a.proc.pid), time.monotonic()
 
     capture = start_capture(env)
-    load = start_load(env)
+    load = start_load(env, streams)
     samples = 0
     deadline = time.monotonic() + LOAD_SECONDS + 20
     while load.running():
@@ -197,10 +205,11 @@ def test_backup_stays_backup_while_the_master_is_saturated(
         time.sleep(0.2)  # polling interval: leave the CPU to the load between samples
     elapsed = time.monotonic() - t0
     cpu = (cpu_seconds(a.proc.pid) - cpu0) / elapsed
-    gap, captured = 0.0, 0
+    gaps: list[float] = []
     if capture is not None:
         env.lab.stop(capture[0])  # now, rather than at the end of its -a duration
-        gap, captured = longest_gap(capture[1])
+        gaps = advert_gaps(capture[1])
+    interval = float(advert.removesuffix("ms")) / 1000
 
     assert vrrp_view(scrape(env, "lbb")) == baseline["lbb"]
     assert vrrp_view(scrape(env, "lba")) == baseline["lba"]
@@ -226,9 +235,11 @@ def test_backup_stays_backup_while_the_master_is_saturated(
                "lba_lbd_cpu": round(cpu, 2), "samples": samples,
                "front_adverts_sent_by_lba": adverts_sent,
                "front_adverts_heard_by_lbb": adverts_heard,
-               "longest_advert_gap_ms": round(gap * 1000, 1) if captured else None,
-               "adverts_captured": captured,
-               "lbb_master_down_ms": round(MASTER_DOWN * 1000, 1),
+               "advert_interval_ms": interval * 1000, "iperf3_streams": streams,
+               "longest_advert_gap_ms": round(max(gaps) * 1000, 1) if gaps else None,
+               "gaps_over_1.5x": sum(1 for g in gaps if g > 1.5 * interval),
+               "adverts_captured": len(gaps) + 1 if gaps else 0,
+               "lbb_master_down_ms": round(master_down(interval) * 1000, 1),
                "seconds": round(elapsed, 1)}
     for key, value in figures.items():
         record_property(key, value)
