@@ -121,6 +121,9 @@ class SessionsConfig:
 
     max_sessions: int = 1_048_576
     max_half_open: int = 0  # 0: max_sessions // 8 (see lb.sessions.SessionTable)
+    # Client sources tracked for the per-source limits at most (lb.source_limits);
+    # 0: max_sessions // 4.
+    max_tracked_sources: int = 0
     tcp_syn_timeout: float = 60.0  # "60s"
     tcp_established_timeout: float = 900.0  # "15m"
     tcp_fin_timeout: float = 120.0  # "2m"
@@ -153,6 +156,19 @@ class VirtualServerConfig:
     persistence: Persistence = "none"
     persistence_timeout: float = 300.0  # "5m"
     persistence_netmask: int = 32  # clients in the same /N share a binding
+    # Per client source address (HAProxy's conn_cur / conn_rate; lb.source_limits), 0 =
+    # unlimited: open sessions at once, and new sessions per conn_rate_period (a token bucket
+    # of that size). Beyond either a new session is dropped and counted. Reloadable.
+    max_conns_per_source: int = 10_000
+    max_conn_rate_per_source: int = 1_000
+    conn_rate_period: float = 1.0  # "1s"
+
+
+SOURCE_LIMIT_KEYS: Final = ("max_conns_per_source", "max_conn_rate_per_source",
+                            "conn_rate_period")
+"""Keys of a virtual server that say nothing about the sessions it holds: left out of
+:meth:`Config.service_digest`, so that two nodes (or a snapshot and the node loading it)
+with other limits still agree on every session."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -352,7 +368,10 @@ class Config:
         them sends names something the other has. Health checks, timeouts and VRRP do not
         enter it. Used by the sync hello and the table snapshot on disk."""
         canon = {
-            "virtual_servers": sorted(dataclasses.astuple(vs) for vs in self.virtual_servers),
+            "virtual_servers": sorted(
+                tuple(getattr(vs, f.name) for f in dataclasses.fields(vs)
+                      if f.name not in SOURCE_LIMIT_KEYS)
+                for vs in self.virtual_servers),
             "pools": sorted((p.name, [dataclasses.astuple(s) for s in p.servers])
                             for p in self.pools.values()),
         }
@@ -573,6 +592,7 @@ def _sessions(t: _Table) -> SessionsConfig:
     sessions = SessionsConfig(
         max_sessions=t.get("max_sessions", _int(1), d.max_sessions),
         max_half_open=t.get("max_half_open", _int(1), d.max_half_open),
+        max_tracked_sources=t.get("max_tracked_sources", _int(1), d.max_tracked_sources),
         tcp_syn_timeout=t.get("tcp_syn_timeout", positive, d.tcp_syn_timeout),
         tcp_established_timeout=t.get(
             "tcp_established_timeout", positive, d.tcp_established_timeout
@@ -618,6 +638,12 @@ def _virtual_servers(root: _Table, pool_names: Collection[str]) -> tuple[Virtual
             persistence_netmask=t.get(
                 "persistence_netmask", _int(0, 32), _default(d, "persistence_netmask")
             ),
+            max_conns_per_source=t.get("max_conns_per_source", _int(0, _LIMIT_MAX),
+                                       _default(d, "max_conns_per_source")),
+            max_conn_rate_per_source=t.get("max_conn_rate_per_source", _int(0, _LIMIT_MAX),
+                                           _default(d, "max_conn_rate_per_source")),
+            conn_rate_period=t.get("conn_rate_period", _duration(positive=True),
+                                   _default(d, "conn_rate_period")),
         )
         if vs.pool and vs.pool not in pool_names:
             t.errors.add(t.at("pool"), f"no pool named '{vs.pool}'{_hint(vs.pool, pool_names)}")
@@ -1093,6 +1119,7 @@ def _int(lo: int, hi: int | None = None) -> _Conv[int]:
 
 
 _PORT: Final = _int(1, 65535)
+_LIMIT_MAX: Final = 1 << 31  # a per-source limit (0 = unlimited)
 
 
 def _bool(errors: _Errors, path: str, value: object) -> bool | None:
