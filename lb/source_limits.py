@@ -32,7 +32,7 @@ Guarantees:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 __all__ = [
@@ -65,12 +65,14 @@ class SourceLimits:
     max_conns: int = 0
     max_rate: int = 0
     period: float = 1.0
+    refill: float = field(init=False, repr=False, compare=False)  # tokens per second
 
     def __post_init__(self) -> None:
         if self.max_conns < 0 or self.max_rate < 0:
             raise ValueError("source limits must be >= 0")
         if not self.period > 0:
             raise ValueError("the rate period must be positive")
+        object.__setattr__(self, "refill", self.max_rate / self.period)
 
     @property
     def active(self) -> bool:
@@ -143,7 +145,7 @@ class SourceTracker:
         it is refused (nothing is taken), or None when it is admitted and not counted
         (``limits`` are all unlimited, or the tracker is full of sources with sessions).
         """
-        if not limits.active:
+        if not (limits.max_conns or limits.max_rate):  # (not .active: a call per SYN)
             return None
         entries = self._entries
         e = entries.get(key)
@@ -158,7 +160,7 @@ class SourceTracker:
             return CONN_LIMIT  # (conns > 0: the entry is not idle)
         cap = limits.max_rate
         if cap:
-            per_second = cap / limits.period
+            per_second = limits.refill
             elapsed = now - e.stamp
             tokens = e.tokens + elapsed * per_second if elapsed > 0 else e.tokens
             if tokens > cap:
