@@ -158,7 +158,8 @@ class VirtualServerConfig:
     persistence_netmask: int = 32  # clients in the same /N share a binding
     # Per client source address (HAProxy's conn_cur / conn_rate; lb.source_limits), 0 =
     # unlimited: open sessions at once, and new sessions per conn_rate_period (a token bucket
-    # of that size). Beyond either a new session is dropped and counted. Reloadable.
+    # of that size). Beyond either a new session is dropped and counted. Reloadable. These
+    # are a tcp virtual server's defaults; a udp one's are UDP_SOURCE_LIMITS.
     max_conns_per_source: int = 10_000
     max_conn_rate_per_source: int = 1_000
     conn_rate_period: float = 1.0  # "1s"
@@ -169,6 +170,13 @@ SOURCE_LIMIT_KEYS: Final = ("max_conns_per_source", "max_conn_rate_per_source",
 """Keys of a virtual server that say nothing about the sessions it holds: left out of
 :meth:`Config.service_digest`, so that two nodes (or a snapshot and the node loading it)
 with other limits still agree on every session."""
+
+UDP_SOURCE_LIMITS: Final[Mapping[str, int]] = types.MappingProxyType(
+    {"max_conns_per_source": 0, "max_conn_rate_per_source": 0})
+"""The loader's defaults for a udp virtual server: unlimited. A UDP flow has no close, so it
+counts until it idles out (``udp_timeout``, 5 minutes), and a resolver or a NAT sends
+thousands of new flows a second from one address (a new source port per query): a default
+would refuse exactly the busiest legitimate clients. Set them per virtual server."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -624,11 +632,14 @@ def _virtual_servers(root: _Table, pool_names: Collection[str]) -> tuple[Virtual
     result: list[VirtualServerConfig] = []
     seen: dict[tuple[str, int, str], str] = {}
     for name, t in root.tables("virtual_servers"):
+        protocol = t.get("protocol", _choice(_PROTOCOLS), _default(d, "protocol"))
+        limits = (UDP_SOURCE_LIMITS if protocol == "udp"
+                  else {key: _default(d, key) for key in UDP_SOURCE_LIMITS})
         vs = VirtualServerConfig(
             name=name,
             address=t.req("address", _ipv4(unicast=True), ""),
             port=t.req("port", _PORT, 0),
-            protocol=t.get("protocol", _choice(_PROTOCOLS), _default(d, "protocol")),
+            protocol=protocol,
             pool=t.req("pool", _name, ""),
             scheduler=t.get("scheduler", _choice(_SCHEDULERS), _default(d, "scheduler")),
             persistence=t.get("persistence", _choice(_PERSISTENCES), _default(d, "persistence")),
@@ -639,9 +650,9 @@ def _virtual_servers(root: _Table, pool_names: Collection[str]) -> tuple[Virtual
                 "persistence_netmask", _int(0, 32), _default(d, "persistence_netmask")
             ),
             max_conns_per_source=t.get("max_conns_per_source", _int(0, _LIMIT_MAX),
-                                       _default(d, "max_conns_per_source")),
+                                       limits["max_conns_per_source"]),
             max_conn_rate_per_source=t.get("max_conn_rate_per_source", _int(0, _LIMIT_MAX),
-                                           _default(d, "max_conn_rate_per_source")),
+                                           limits["max_conn_rate_per_source"]),
             conn_rate_period=t.get("conn_rate_period", _duration(positive=True),
                                    _default(d, "conn_rate_period")),
         )

@@ -240,6 +240,8 @@ DEFAULTS = [
     ("virtual_servers.web.max_conns_per_source", 10_000),
     ("virtual_servers.web.max_conn_rate_per_source", 1_000),
     ("virtual_servers.web.conn_rate_period", 1.0),
+    ("virtual_servers.dns.max_conns_per_source", 0),  # udp: unlimited unless set
+    ("virtual_servers.dns.max_conn_rate_per_source", 0),
     ("sessions.max_tracked_sources", 0),
     ("pools.web.on_server_down", "keep"),
     ("pools.web.slow_start", 0.0),
@@ -300,6 +302,8 @@ VALUES: list[tuple[str, dict[str, Any], str, object]] = [
     ("a rate per 10s", {"virtual_servers__web__max_conn_rate_per_source": 20,
                         "virtual_servers__web__conn_rate_period": "10s"},
      "virtual_servers.web.conn_rate_period", 10.0),
+    ("a udp virtual server's limit when set", {"virtual_servers__dns__max_conns_per_source": 9},
+     "virtual_servers.dns.max_conns_per_source", 9),
     ("sources tracked", {"sessions__max_tracked_sources": 5000},
      "sessions.max_tracked_sources", 5000),
     (
