@@ -48,6 +48,7 @@ from lb.reply_hold import ReplyHold
 from lb.servers import RealServer
 from lb.services import Service, ServiceSet
 from lb.sessions import Session, SessionTable, flow_key
+from lb.source_limits import CONN_LIMIT, RATE_LIMIT, SourceEntry
 
 DROP, FORWARD, SEND = 0, 1, 2
 
@@ -57,7 +58,8 @@ ICMP_ERROR_TYPES = frozenset((3, 11, 12))
 _ZERO_VNET = bytes(VNET_HDR_LEN)
 
 DROP_REASONS = ("no_session", "no_service", "no_server", "table_full", "flow_conflict",
-                "icmp_bad", "icmp_unsupported", "icmp_no_session", "reply_hold_timeout")
+                "icmp_bad", "icmp_unsupported", "icmp_no_session", "reply_hold_timeout",
+                CONN_LIMIT, RATE_LIMIT)
 """Every reason :meth:`Forwarder.drop` is called with (the metrics show each from 0)."""
 
 
@@ -102,6 +104,7 @@ class Forwarder:
                  persistence: PersistenceTable[Service], *, peer: PeerReports | None = None,
                  hold: ReplyHold | None = None) -> None:
         self.sessions = sessions
+        self._admit = sessions.sources.admit
         self.persistence = persistence
         self.peer = peer
         self.hold = hold
@@ -218,7 +221,8 @@ class Forwarder:
         """Schedule and create the session of a new flow (replacing ``reused``, a closing
         session with the same 5-tuple), or refuse it. A refused flow changes no table: the
         checks that can refuse it all run before anything is removed, bound or rebound."""
-        svc = self._by_key.get((proto << 48) | (daddr << 16) | dport)
+        skey = (proto << 48) | (daddr << 16) | dport  # Service.key
+        svc = self._by_key.get(skey)
         if svc is None:
             self._refuse(buf, off, end, proto, flags, "no_service")
             return None
@@ -249,6 +253,18 @@ class Forwarder:
             # server: the replies could not be told apart.
             self.drop("flow_conflict")
             return None
+        # Per-source limits, last of the checks (a refused flow takes no count or token):
+        # a new session opened here (a SYN, a UDP flow's first packet) counts; a TCP flow
+        # picked up mid-stream is an existing connection and does not. A refused SYN is
+        # dropped, not answered (docs/architecture.md, "Per-source limits").
+        source: SourceEntry | None = None
+        limits = svc.source_limits
+        if limits is not None and (flags & SYN or proto != PROTO_TCP):
+            admitted = self._admit((skey << 32) | saddr, limits, now)  # source_key()
+            if isinstance(admitted, str):
+                self.drop(admitted)
+                return None
+            source = admitted
         # A closing session of another virtual server that holds the reverse key (the
         # client reused the port for the other VIP, and the server is the same) is over: the
         # new flow replaces it, as a new SYN replaces a closing session of its own 5-tuple.
@@ -257,7 +273,7 @@ class Forwarder:
                 self.sessions.remove(old, "reused", now)
         binding = self._bind(svc, saddr, server, bound, now)
         s = self.sessions.create(proto, saddr, sport, daddr, dport, server, svc, flags, now,
-                                 binding)
+                                 binding, source)
         if s is None:  # not reached: create() refuses only what was checked above
             self.drop("table_full")
             return None

@@ -55,6 +55,7 @@ from lb.servers import AdminState, RealServer, candidates
 from lb.services import Service, ServiceSet, build_services
 from lb.sessions import Session, SessionTable, SessionTimeouts
 from lb.snapshot_store import SnapshotStore
+from lb.source_limits import CONN_LIMIT, RATE_LIMIT, SourceTracker
 from lb.table_snapshot import Installed
 from lb.tun import open_tun
 
@@ -127,6 +128,15 @@ class CheckStats:
         return [hist, checks, failures, trans]
 
 
+def _limits(svc: Service) -> dict[str, float] | None:
+    """A virtual server's per-source limits as status shows them (None: unlimited)."""
+    lim = svc.source_limits
+    if lim is None:
+        return None
+    return {"max_conns_per_source": lim.max_conns, "max_conn_rate_per_source": lim.max_rate,
+            "conn_rate_period": lim.period}
+
+
 class Node:
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -150,7 +160,9 @@ class Node:
         self.sessions: SessionTable[Service] = SessionTable(
             session_timeouts(config), config.sessions.max_sessions,
             tick=config.sessions.expiry_tick, observer=self.counts,
-            max_half_open=config.sessions.max_half_open or None)
+            max_half_open=config.sessions.max_half_open or None,
+            sources=SourceTracker(config.sessions.max_tracked_sources
+                                  or max(1, config.sessions.max_sessions // 4)))
         self.persistence: PersistenceTable[Service] = PersistenceTable()
         # The tables on local disk: loaded at start, written every snapshot_interval.
         self.snapshots = SnapshotStore(config.node.state_dir, config.service_digest(),
@@ -615,6 +627,7 @@ class Node:
             "sessions": len(self.sessions),
             "sessions_half_open": self.sessions.half_open,
             "half_open_evicted": self.sessions.half_open_evictions,
+            "source_limits": self.source_limits_status(),
             "persistence": len(self.persistence),
             # A standalone node masters one implicit instance (ha.roles.STANDALONE, ""):
             # not a VRRP instance, so not listed; "standalone" says it owns everything.
@@ -628,9 +641,20 @@ class Node:
                                          "active_sessions": s.active,
                                          "sessions_created": s.created_total,
                                          "instance": s.owner or None, "owned": s.owned,
+                                         "source_limits": _limits(s),
                                          "held": self._held(int_to_ip(s.vaddr))}
                                 for s in self.services.services},
         }
+
+    def source_limits_status(self) -> dict[str, int]:
+        """The per-source limits at a glance (lb.source_limits; the drops are the
+        forwarder's counts, the same as ``lbd_drops_total{reason}``)."""
+        tracker = self.sessions.sources
+        drops = self.forwarder.drops
+        return {"tracked": len(tracker), "idle": tracker.idle, "capacity": tracker.capacity,
+                "conn_limit_drops": drops.get(CONN_LIMIT, 0),
+                "rate_limit_drops": drops.get(RATE_LIMIT, 0),
+                "untracked": tracker.untracked, "evicted": tracker.evicted}
 
     _LIST_OPTIONS: dict[str, type[int] | type[str] | None] = {
         "--virtual": str, "--server": str, "--client": str, "--limit": int}
