@@ -127,3 +127,19 @@ scheduler = "rr"
 [pools.iperf]
 servers = {servers_toml(port, names)}
 """
+
+
+def udp_flood_service(port: int = 5202, name: str = "s2") -> str:
+    """TOML to append: VIP:port over TCP and UDP to ``name``:port — an iperf3 UDP test (its
+    control connection is TCP on the same port) through the balancer."""
+    return "".join(f"""
+[virtual_servers.iperf{proto}]
+address = "{VIP}"
+port = {port}
+protocol = "{proto}"
+pool = "iperf{proto}"
+scheduler = "rr"
+
+[pools.iperf{proto}]
+servers = {servers_toml(port, (name,))}
+""" for proto in ("tcp", "udp"))

@@ -36,6 +36,7 @@ pytestmark = pytest.mark.topology(pair=True)
 
 LOAD_SECONDS = 20
 IPERF_PORT = 5201
+UDP_PORT = 5202  # iperf3 --udp, 64-byte datagrams, as fast as c1 can send
 INSTANCES = ("front", "back")
 CURL = shutil.which("curl")
 TSHARK = shutil.which("tshark")
@@ -91,9 +92,11 @@ class Load:
     wrk: subprocess.Popen[bytes]
     iperf_log: Path
     wrk_log: Path
+    udp: subprocess.Popen[bytes] | None = None
+    udp_log: Path | None = None
 
     def running(self) -> bool:
-        return self.iperf.poll() is None or self.wrk.poll() is None
+        return any(p is not None and p.poll() is None for p in (self.iperf, self.wrk, self.udp))
 
 
 def start_capture(env: LabEnv) -> tuple[subprocess.Popen[bytes], Path] | None:
@@ -145,7 +148,7 @@ http {{
                what=f"nginx to listen in {name}")
 
 
-def start_load(env: LabEnv, streams: int) -> Load:
+def start_load(env: LabEnv, streams: int, udp: bool) -> Load:
     iperf_log, wrk_log = env.tmp / "iperf3.json", env.tmp / "wrk.txt"
     # Both bounded by their own duration and connect timeouts; the test waits with a deadline.
     iperf = env.lab.spawn("c1", [
@@ -156,15 +159,23 @@ def start_load(env: LabEnv, streams: int) -> Load:
         "wrk", "--threads", "2", "--connections", "32", "--duration", f"{LOAD_SECONDS}s",
         "--timeout", "2s", "--header", "Connection: close", f"http://{VIP}/"],
         log=str(wrk_log))
-    return Load(iperf, wrk, iperf_log, wrk_log)
+    if not udp:
+        return Load(iperf, wrk, iperf_log, wrk_log)
+    udp_log = env.tmp / "iperf3-udp.json"
+    flood = env.lab.spawn("c1", [
+        "iperf3", "--client", VIP, "--port", str(UDP_PORT), "--udp", "--length", "64",
+        "--bitrate", "0", "--time", str(LOAD_SECONDS), "--connect-timeout", "3000", "--json"],
+        log=str(udp_log))
+    return Load(iperf, wrk, iperf_log, wrk_log, flood, udp_log)
 
 
-@pytest.mark.parametrize(("advert", "streams"), [("100ms", 1), ("30ms", 4)])
+@pytest.mark.parametrize(("advert", "streams", "udp"), [("100ms", 1, False), ("30ms", 4, True)])
 def test_backup_stays_backup_while_the_master_is_saturated(
         env: LabEnv, record_property: Callable[[str, object], None], advert: str,
-        streams: int) -> None:
+        streams: int, udp: bool) -> None:
     """At the shipped 100 ms adverts, and at 30 ms (issue 10: VRRP on its own thread, so the
-    data plane cannot starve it) with four iperf3 streams and wrk through the master."""
+    data plane cannot starve it) with four iperf3 streams, wrk and a 64-byte UDP flood
+    through the master."""
     # HTTP :8080 behind VIP:80: nginx where installed, else the lab's Python server.
     for name in ("s1", "s2", "s3"):
         if NGINX is not None:
@@ -175,6 +186,11 @@ def test_backup_stays_backup_while_the_master_is_saturated(
     wait_until(lambda: f":{IPERF_PORT} " in env.lab.sh("s1", "ss -ltnH"), timeout=10,
                what="iperf3 to listen in s1")
     extra = configs.iperf_service(IPERF_PORT)
+    if udp:
+        env.lab.spawn("s2", ["iperf3", "--server", "--port", str(UDP_PORT), "--one-off"])
+        wait_until(lambda: f":{UDP_PORT} " in env.lab.sh("s2", "ss -ltnH"), timeout=10,
+                   what="iperf3 to listen in s2")
+        extra += configs.udp_flood_service(UDP_PORT)
     # wrk opens thousands of connections a second from one address: beyond the per-source
     # defaults, which would throttle the load this test needs (docs/config.md).
     unlimited = configs.UNLIMITED_SOURCES
@@ -198,7 +214,7 @@ def test_backup_stays_backup_while_the_master_is_saturated(
     cpu0, t0 = cpu_seconds(a.proc.pid), time.monotonic()
 
     capture = start_capture(env)
-    load = start_load(env, streams)
+    load = start_load(env, streams, udp)
     samples = 0
     deadline = time.monotonic() + LOAD_SECONDS + 20
     while load.running():
@@ -230,6 +246,12 @@ def test_backup_stays_backup_while_the_master_is_saturated(
     assert found, wrk_text
     rps = float(found.group(1))
     assert gbits > 0 and rps > 0
+    udp_pps = 0.0
+    if load.udp is not None and load.udp_log is not None:
+        assert load.udp.returncode == 0, load.udp_log.read_text()
+        udp_sum = json.loads(load.udp_log.read_text())["end"]["sum"]
+        udp_pps = udp_sum["packets"] / udp_sum["seconds"]
+        assert udp_pps > 0
     a_end, b_end = scrape(env, "lba"), scrape(env, "lbb")
     adverts_heard = (metric(b_end, "lbd_vrrp_adverts_received_total", instance="front")
                      - metric(b_start, "lbd_vrrp_adverts_received_total", instance="front"))
@@ -237,6 +259,7 @@ def test_backup_stays_backup_while_the_master_is_saturated(
                     - metric(a_start, "lbd_vrrp_adverts_sent_total", instance="front"))
 
     figures = {"iperf3_gbit_s": round(gbits, 3), "wrk_req_s": rps,
+               "udp_64b_pkt_s_sent": round(udp_pps),
                "lba_lbd_cpu": round(cpu, 2), "samples": samples,
                "front_adverts_sent_by_lba": adverts_sent,
                "front_adverts_heard_by_lbb": adverts_heard,
