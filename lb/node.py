@@ -281,6 +281,8 @@ class Node:
         self.counts.downstream = rep
         self.persistence.observer = rep
         self.forwarder.peer = rep
+        sync = self.sync
+        self.forwarder.peer_streaming = lambda: sync.inbound_connected
         await self.sync.start()
         self.collector.sources.append(self.sync.metrics)
 
@@ -845,6 +847,8 @@ class Node:
             "lbd_config_reloads_total": self.reloads,
             "lbd_config_reload_failures_total": self.reload_failures,
             "lbd_sessions_picked_up_total": self.forwarder.picked_up,
+            "lbd_replies_inferred_total": self.forwarder.replies_inferred,
+            "lbd_replies_ambiguous_total": self.forwarder.replies_ambiguous,
             **self._hold_counters(),
         }
 
