@@ -30,10 +30,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from bench import failover, memory, netbench, syncrate
+from bench import failover, memory, netbench, syncrate, synflood
 from bench.report import Check, Figure, as_json, table
 
-BENCHES = ("throughput", "pps", "cps", "memory", "failover", "sync")
+BENCHES = ("throughput", "pps", "cps", "memory", "failover", "sync", "synflood")
+FLOOD_RATES = {"synflood_15k": 15000, "synflood_max": 0}
 SYSTEMS_ORDER = ("kernel", "haproxy", "lbd")
 
 
@@ -62,6 +63,11 @@ def make_figures(benches: Sequence[str], plan: netbench.Plan, sessions: int) -> 
     if "sync" in benches:
         figs.append(Figure("sync_rate", "Sessions synced per second (encode, MAC, decode, "
                            "install; in-process)", "sess/s", True, (Check(None),)))
+    if "synflood" in benches:
+        for key, rate in FLOOD_RATES.items():
+            figs.append(Figure(key, "Real clients' GETs through a spoofed SYN flood at "
+                               + (f"{rate:,} SYN/s" if rate else "full raw-socket rate"),
+                               "share", True, (Check(None, ">=", 0.95),)))
     if "memory" in benches:
         figs.append(Figure("mem_session", f"Memory per session ({sessions:,} sessions)",
                            "B", False, (Check(None, "<=", 400.0),)))
@@ -123,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGHUP, _terminate)
     plan = netbench.Plan(tuple(b for b in args.benches
-                               if b not in ("memory", "failover", "sync")),
+                               if b not in ("memory", "failover", "sync", "synflood")),
                          args.duration,
                          rounds=args.rounds, conns=args.conns, streams=args.streams)
     figures = make_figures(args.benches, plan, args.sessions)
@@ -139,6 +145,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             _network(args.system_list, plan, by_key)
         if "memory" in args.benches:
             _memory(args.sessions, by_key["mem_session"])
+        if "synflood" in args.benches:
+            for key, rate in FLOOD_RATES.items():
+                _synflood(args.rounds, by_key[key], rate)
         if "failover" in args.benches:
             _failover(args.rounds, by_key["failover"], None, None)
             _failover(args.rounds, by_key["failover_30"], by_key["failover_gap_30"], "30ms")
@@ -236,6 +245,25 @@ def _sync_rate(fig: Figure) -> None:
         return
     fig.values["lbd"] = result.per_second
     fig.notes.append(f"{result.wire_bytes_per_session:.1f} bytes per session on the wire")
+
+
+def _synflood(rounds: int, fig: Figure, rate: int) -> None:
+    if os.geteuid() != 0:
+        fig.errors["lbd"] = "needs root"
+        return
+    for rnd in range(rounds):
+        progress(f"round {rnd + 1}/{rounds}: SYN flood at "
+                 + (f"{rate} SYN/s" if rate else "full rate"))
+        try:
+            got = synflood.one_round(rate)
+        except (RuntimeError, OSError, subprocess.SubprocessError, TimeoutError,
+                ValueError, KeyError) as exc:
+            fig.errors["lbd"] = f"round {rnd + 1}: {exc.__class__.__name__}: {exc}"
+            return
+        fig.add_sample("lbd", got.legit_ok)
+        fig.notes.append(f"round {rnd + 1}: flood {got.flood_rate:,.0f} SYN/s sent, lbd CPU "
+                         f"{got.lbd_cpu:.2f} cores, {got.tun_dropped:,} packets dropped at "
+                         "the TUN by the kernel")
 
 
 def _failover(rounds: int, fig: Figure, gap_fig: Figure | None, advert: str | None) -> None:

@@ -109,6 +109,9 @@ class DataplaneConfig:
     # "off", or a hex CPU mask such as "3" or "ff,ffffffff". Without it that work (routing,
     # the next hop, the peer's TCP) runs on lbd's own CPU.
     rps_cpus: str = "all"
+    # Packets the kernel queues on the TUN for lbd to read (the device's txqueuelen; the
+    # kernel's default, 500, dropped the bursts of a 15,000 SYN/s flood before lbd read them).
+    tun_queue: int = 8192
 
 
 RULE_PRIORITY_SPAN: Final = 64
@@ -591,6 +594,7 @@ def _dataplane(t: _Table) -> DataplaneConfig:
         route_table=t.get("route_table", _route_table, _default(d, "route_table")),
         rule_priority=t.get("rule_priority", _rule_priority, _default(d, "rule_priority")),
         rps_cpus=t.get("rps_cpus", _cpu_mask, _default(d, "rps_cpus")),
+        tun_queue=t.get("tun_queue", _int(64, 1 << 20), _default(d, "tun_queue")),
     )
     if dp.tun and dp.tun in {dp.client_interface, dp.server_interface}:
         t.errors.add(t.at("tun"), f"{json.dumps(dp.tun)} is also a client or server interface")

@@ -228,13 +228,15 @@ class Kernel:
         if restore:
             log.info("sysctls restored: %s", ", ".join(f"{k} = {v}" for k, v in restore.items()))
 
-    def _set_link_up(self, ifname: str) -> int:
+    def _set_link_up(self, ifname: str, txqlen: int | None) -> int:
         idx = self._index(ifname)
+        if txqlen is not None:  # the TUN's queue toward lbd; the kernel resizes its ring
+            self._ipr.link("set", index=idx, txqlen=txqlen)
         self._ipr.link("set", index=idx, state="up")
         return idx
 
-    async def set_link_up(self, ifname: str) -> int:
-        return await self._call(self._set_link_up, ifname)
+    async def set_link_up(self, ifname: str, txqlen: int | None = None) -> int:
+        return await self._call(self._set_link_up, ifname, txqlen)
 
     def _our_rules(self) -> list[Any]:
         lo, hi = self.rule_priority, self.rule_priority + RULE_RANGE

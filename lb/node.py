@@ -220,7 +220,7 @@ class Node:
         if removed:
             log.info("removed %d leftover kernel entries of an earlier lbd", removed)
         self.tun_fd = open_tun(dp.tun)
-        self.tun_index = await self.kernel.set_link_up(dp.tun)
+        self.tun_index = await self.kernel.set_link_up(dp.tun, dp.tun_queue)
         await self.kernel.prepare(tun=dp.tun, client_if=dp.client_interface,
                                   server_if=dp.server_interface, rps_cpus=dp.rps_cpus,
                                   arp_interfaces={ic.interface for ic in cfg.vrrp_instances})
