@@ -80,7 +80,8 @@ def compile_in(work: Path, modules: list[str]) -> None:
         "setup(name='lbd-native', py_modules=[], ext_modules=exts,\n"
         "      script_args=['-q', 'build_ext', '--inplace'])\n"
     )
-    env = {**os.environ, "LBD_NATIVE": "pure", "PYTHONPATH": str(work)}
+    path = os.pathsep.join([str(work), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = {**os.environ, "LBD_NATIVE": "pure", "PYTHONPATH": path}
     proc = subprocess.run([sys.executable, "-c", script], cwd=work, env=env,
                           capture_output=True, text=True, check=False)
     if proc.returncode != 0:
