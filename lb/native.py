@@ -74,7 +74,7 @@ def stray_extensions(root: Path) -> list[Path]:
     the ``.py`` beside them."""
     suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
     return sorted(p for pkg in PACKAGES if (root / pkg).is_dir()
-                  for p in (root / pkg).iterdir() if p.name.endswith(suffixes))
+                  for p in (root / pkg).rglob("*") if p.name.endswith(suffixes))
 
 
 def module_file(module: str) -> str:

@@ -102,11 +102,15 @@ def test_pure_can_be_forced(tmp_path: Path) -> None:
 
 def test_an_extension_module_in_the_source_tree_is_refused(tmp_path: Path) -> None:
     make_tree(tmp_path)
-    stray = tmp_path / "lb" / ("fast" + ext_suffix())
-    stray.write_bytes(b"")
-    for mode in ("auto", "pure"):  # it would shadow lb/fast.py whatever was chosen
-        with pytest.raises(ImportError, match=r"shadows the \.py"):
-            check(tmp_path, mode)
+    (tmp_path / "lb/sub").mkdir()
+    for stray in (tmp_path / "lb" / ("fast" + ext_suffix()),
+                  tmp_path / "lb/sub" / ("mod" + ext_suffix())):
+        stray.write_bytes(b"")
+        for mode in ("auto", "pure"):  # it would shadow the .py whatever was chosen
+            with pytest.raises(ImportError, match=r"shadows the \.py"):
+                check(tmp_path, mode)
+        stray.unlink()
+    assert check(tmp_path).build == "compiled"
 
 
 def test_status_describes_itself_in_one_line() -> None:
