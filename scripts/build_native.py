@@ -1,6 +1,6 @@
 """Compile lbd's pure hot-path modules with mypyc into ``lbd-native/`` (lb/native.py).
 
-    python scripts/build_native.py [--out DIR] [--if-stale] [MODULE ...]
+    python scripts/build_native.py [--out DIR] [--if-stale | --dry-run] [MODULE ...]
 
 Needs mypy (mypyc comes with it), setuptools, a C compiler and the Python headers; run it with
 the interpreter that will import the result (the extension ABI is that interpreter's). The
@@ -8,7 +8,8 @@ build runs on a copy of the sources in a temporary directory, so the checkout ge
 no ``build/`` and above all no extension module beside a ``.py``; the result is swapped into
 ``--out`` (default: ``lbd-native/`` beside ``lb/``) whole, with a manifest of the SHA-256 of
 every source it was built from. ``--if-stale`` does nothing when ``--out`` already holds a
-build of exactly this source. Prints one line: what it built, or why it did nothing.
+build of exactly this source; ``--dry-run`` only lists the source files a build would hash.
+Prints one line: what it built, or why it did nothing.
 """
 
 from __future__ import annotations
@@ -139,8 +140,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / native.NATIVE_DIR)
     ap.add_argument("--if-stale", action="store_true",
                     help="do nothing when --out holds a build of exactly this source")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="list the source files a build would hash, build nothing")
     ap.add_argument("modules", nargs="*", default=list(MODULES))
     args = ap.parse_args()
+    if args.dry_run:
+        print("\n".join(closure(ROOT, args.modules)))
+        return
     if args.if_stale and args.out.resolve() == (ROOT / native.NATIVE_DIR).resolve():
         current = native.compare(ROOT)
         if current.build == "compiled" and list(current.modules) == args.modules:

@@ -152,3 +152,14 @@ def test_the_real_build_and_its_fallback_end_to_end(tmp_path: Path) -> None:
     required = run_in(tmp_path, "require")
     assert required.returncode != 0
     assert "stale build: lb/forwarder.py changed since it was compiled" in required.stderr
+
+
+def test_a_build_hashes_the_compiled_modules_and_what_they_import() -> None:
+    out = subprocess.run([sys.executable, str(ROOT / "scripts/build_native.py"), "--dry-run",
+                          "lb.forwarder"], capture_output=True, text=True, timeout=60,
+                         check=True).stdout.split()
+    # forwarder imports services, which imports config and schedulers: mypyc saw their types
+    assert {"lb/forwarder.py", "lb/sessions.py", "lb/services.py", "lb/config.py",
+            "lb/schedulers.py", "lb/packet.py"} <= set(out)
+    assert "lb/daemon.py" not in out and "lb/native.py" not in out
+    assert out == sorted(out)
