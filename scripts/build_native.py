@@ -35,9 +35,10 @@ from mypy.version import __version__ as mypy_version  # noqa: E402  (mypyc's ver
 from lb import native  # noqa: E402  (after the path and the mode are set)
 
 # What Forwarder.handle runs per packet and per new flow; each one measured to pay with
-# bench.hotpath (docs/benchmarks.md: servers, schedulers and persistence took ~1 µs off a SYN).
+# bench.hotpath (docs/benchmarks.md: servers, schedulers and persistence took ~1 µs off a SYN,
+# source_limits ~0.5 µs more).
 MODULES = ("lb.packet", "lb.wheel", "lb.sessions", "lb.forwarder", "lb.servers",
-           "lb.schedulers", "lb.persistence")
+           "lb.schedulers", "lb.persistence", "lb.source_limits")
 GROUP = "lb._compiled"  # one shared library: calls between the modules stay native
 
 
