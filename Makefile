@@ -11,9 +11,10 @@ BINDIR     ?= /usr/local/bin
 UNITDIR    ?= /etc/systemd/system
 SYSCONFDIR ?= /etc/lbd
 STATEDIR   ?= /var/lib/lbd
+NATIVE     ?= 1
 
 .DEFAULT_GOAL := help
-.PHONY: help setup install test unit netns lab bench lint fuzz
+.PHONY: help setup install native test unit netns lab bench lint fuzz
 
 help:  ## show this help
 	@awk 'BEGIN{FS=":.*## "} /^[a-z]+:.*## /{printf "  make %-8s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -23,13 +24,22 @@ setup:  ## developer setup (root): apt packages, ./.venv with test tools; stops 
 
 install:  ## production install (root, or DESTDIR=dir): /opt/lbd, lbd/lbctl, unit, /etc/lbd
 	DESTDIR="$(DESTDIR)" PREFIX="$(PREFIX)" BINDIR="$(BINDIR)" UNITDIR="$(UNITDIR)" \
-	SYSCONFDIR="$(SYSCONFDIR)" STATEDIR="$(STATEDIR)" ./scripts/install.sh
+	SYSCONFDIR="$(SYSCONFDIR)" STATEDIR="$(STATEDIR)" NATIVE="$(NATIVE)" ./scripts/install.sh
 
-test: lint  ## lint, unit and namespace tests (root); after make setup; what CI runs
-	$(PYTEST) -q tests
+# The hot-path modules compiled by mypyc into lbd-native/ (lb/native.py); a no-op when that
+# holds a build of exactly this source. Tests run on the compiled build (LBD_NATIVE=require:
+# a missing or stale one fails instead of quietly testing pure Python), the unit tests a
+# second time on pure Python.
+native:  ## compile the hot-path modules with mypyc into lbd-native/ (if stale)
+	$(PY) scripts/build_native.py --if-stale
 
-unit:  ## unit tests of the pure cores only (no root needed)
-	$(PYTEST) -q tests/unit
+test: lint native  ## lint, unit and namespace tests (root), compiled and pure; what CI runs
+	LBD_NATIVE=require $(PYTEST) -q tests
+	LBD_NATIVE=pure $(PYTEST) -q tests/unit --deselect tests/unit/test_install.py
+
+unit: native  ## unit tests of the pure cores only (no root needed), compiled and pure
+	LBD_NATIVE=require $(PYTEST) -q tests/unit
+	LBD_NATIVE=pure $(PYTEST) -q tests/unit --deselect tests/unit/test_install.py
 
 netns:  ## namespace tests only (root)
 	$(PYTEST) -q tests/netns
@@ -41,7 +51,7 @@ bench:  ## benchmarks in namespaces: ratios against the kernel and HAProxy (root
 	$(PY) -m bench
 
 lint:  ## ruff and mypy --strict
-	.venv/bin/ruff check lb ha lab tests bench
+	.venv/bin/ruff check lb ha lab tests bench scripts
 	.venv/bin/mypy
 
 fuzz:  ## fuzz every parser of outside input (atheris), FUZZ_INPUTS=100000 inputs per target

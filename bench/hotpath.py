@@ -1,24 +1,30 @@
 """Per-packet cost of the forwarding core, in process (no TUN, no syscalls).
 
-    python -m bench.hotpath [--packets N]
+    python -m bench.hotpath [--packets N] [--rounds N] [--builds pure,compiled] [--persistence]
 
 Times ``Forwarder.handle`` on prepared buffers (a fresh copy per packet, made before the clock
 starts): a SYN that opens a new session, an established client packet (an ACK with 64 bytes
-of data), and a server's reply to it. Prints µs per packet for each, best of five rounds,
-and which build of the modules ran (``pure`` Python or ``compiled`` by mypyc: see
-docs/benchmarks.md). Not part of CI.
+of data), and a server's reply to it. Each build of the hot-path modules (``pure`` Python,
+``compiled`` by mypyc: lb/native.py) is measured in a process of its own (``LBD_NATIVE``), the
+builds taking turns round after round; prints one JSON document with µs per packet for each
+figure, best over the rounds, per build, and compiled/pure. ``--persistence`` gives the virtual
+server client-ip persistence (a binding looked up and made per SYN). Not part of CI.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import struct
+import subprocess
+import sys
 import time
 
 import lb.forwarder
 from lab.malformed import checksum
+from lb import native
 from lb.config import parse_config
 from lb.forwarder import Forwarder, ServiceCounts
 from lb.packet import VNET_HDR_LEN
@@ -42,16 +48,19 @@ def tcp_packet(src: str, sport: int, dst: str, dport: int, flags: int, payload: 
     return bytes(VNET_HDR_LEN) + ip + tcp
 
 
-def forwarder(max_sessions: int) -> Forwarder:
+def forwarder(max_sessions: int, persistence: bool) -> Forwarder:
+    web: dict[str, object] = {"address": VIP, "port": 80, "pool": "web", "scheduler": "rr",
+                              "max_conns_per_source": 1 << 20,
+                              "max_conn_rate_per_source": 1 << 20}
+    if persistence:
+        web["persistence"] = "client-ip"
     cfg = parse_config({
         "node": {"name": "bench", "control_socket": "/run/lbd-bench.sock"},
         "dataplane": {"client_interface": "eth0", "server_interface": "eth1"},
         "sessions": {"max_sessions": max_sessions},
         # Per-source limits on, high enough that every SYN is admitted: the SYN figure
         # includes the per-source count and token bucket (150 sources, ~670 SYNs each).
-        "virtual_servers": {"web": {"address": VIP, "port": 80, "pool": "web",
-                                    "scheduler": "rr", "max_conns_per_source": 1 << 20,
-                                    "max_conn_rate_per_source": 1 << 20}},
+        "virtual_servers": {"web": web},
         "pools": {"web": {"servers": [{"address": a, "port": 8080} for a in SERVERS]}},
     }, "bench.hotpath")
     services = build_services(cfg)
@@ -74,7 +83,7 @@ def timed(fwd: Forwarder, packets: list[bytes], now: float) -> float:
     return (time.perf_counter() - start) / len(bufs)
 
 
-def measure(n: int) -> dict[str, float]:
+def measure(n: int, rounds: int, persistence: bool) -> dict[str, float]:
     flows = clients(n)
     syns = [tcp_packet(c, p, VIP, 80, 0x02) for c, p in flows]
     data = [tcp_packet(c, p, VIP, 80, 0x18, b"x" * 64, seq=1001, ack=5001) for c, p in flows]
@@ -83,8 +92,8 @@ def measure(n: int) -> dict[str, float]:
     def keep(name: str, value: float) -> None:
         best[name] = min(best.get(name, value), value)
 
-    for _ in range(5):
-        fwd = forwarder(2 * n)
+    for _ in range(rounds):
+        fwd = forwarder(2 * n, persistence)
         keep("syn", timed(fwd, syns, 1.0))
         servers = {(s.caddr, s.cport): s.server for s in fwd.sessions}
         synacks, answers = [], []
@@ -105,11 +114,52 @@ def build() -> str:
     return "pure" if (lb.forwarder.__file__ or "").endswith(".py") else "compiled"
 
 
+MODES = {"pure": "pure", "compiled": "require"}  # build -> LBD_NATIVE for its process
+
+
+def in_process(args: argparse.Namespace, which: str) -> dict[str, float]:
+    """One round of ``measure`` in a process of its own that runs build ``which``."""
+    cmd = [sys.executable, "-m", "bench.hotpath", "--child", "--packets", str(args.packets)]
+    if args.persistence:
+        cmd.append("--persistence")
+    out = subprocess.run(cmd, env={**os.environ, native.ENV: MODES[which]}, check=True,
+                         capture_output=True, text=True).stdout
+    doc = json.loads(out)
+    if doc["build"] != which:
+        raise SystemExit(f"bench.hotpath: asked for {which}, the process ran {doc['build']}")
+    result: dict[str, float] = doc["us_per_packet"]
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--packets", type=int, default=100_000)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--builds", default="pure,compiled",
+                    help="comma-separated, of: pure, compiled (needs a fresh make native)")
+    ap.add_argument("--persistence", action="store_true")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    print(json.dumps({"build": build(), "us_per_packet": measure(args.packets)}))
+    if args.child:
+        print(json.dumps({"build": build(),
+                          "us_per_packet": measure(args.packets, 1, args.persistence)}))
+        return
+    builds = [b for b in args.builds.split(",") if b]
+    if not set(builds) <= set(MODES):
+        ap.error(f"--builds: expected some of {', '.join(MODES)}")
+    fresh = native.compare(native.SOURCE_ROOT)
+    if "compiled" in builds and fresh.build != "compiled":
+        ap.error(f"no compiled build to measure ({fresh.reason}): make native")
+    best: dict[str, dict[str, float]] = {b: {} for b in builds}
+    for r in range(args.rounds):
+        for which in builds[r % len(builds):] + builds[:r % len(builds)]:  # take turns
+            for k, v in in_process(args, which).items():
+                best[which][k] = min(best[which].get(k, v), v)
+    doc: dict[str, object] = {"us_per_packet": best, "compiled_modules": list(fresh.modules)}
+    if len(best) == 2:
+        doc["compiled_over_pure"] = {k: round(best["compiled"][k] / best["pure"][k], 2)
+                                     for k in best["pure"]}
+    print(json.dumps(doc))
 
 
 if __name__ == "__main__":

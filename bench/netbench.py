@@ -50,9 +50,10 @@ TCP_SYSCTLS = {
 #: Which tools each benchmark needs on each system (the lab itself needs ``ip``).
 NEEDS: dict[str, dict[str, tuple[str, ...]]] = {
     "throughput": {"kernel": ("iperf3",), "haproxy": ("iperf3", "haproxy"),
-                   "lbd": ("iperf3", "lbd")},
-    "pps": {"kernel": ("iperf3",), "lbd": ("iperf3", "lbd")},
-    "cps": {"haproxy": ("wrk", "nginx", "haproxy"), "lbd": ("wrk", "nginx", "lbd")},
+                   "lbd": ("iperf3", "lbd"), "lbd-pure": ("iperf3", "lbd")},
+    "pps": {"kernel": ("iperf3",), "lbd": ("iperf3", "lbd"), "lbd-pure": ("iperf3", "lbd")},
+    "cps": {"haproxy": ("wrk", "nginx", "haproxy"), "lbd": ("wrk", "nginx", "lbd"),
+            "lbd-pure": ("wrk", "nginx", "lbd")},
 }
 
 
@@ -297,8 +298,10 @@ def _tail(path: Path, lines: int = 15) -> str:
         return "(no log)"
 
 
-def start_lbd(lab: Lab, tmp: Path) -> tuple[subprocess.Popen[bytes], Path]:
-    """Start lbd in lba; return its process and log. Raises BenchError when it does not come up."""
+def start_lbd(lab: Lab, tmp: Path, *, pure: bool = False) -> tuple[subprocess.Popen[bytes], Path]:
+    """Start lbd in lba (``pure``: with LBD_NATIVE=pure, else with whatever build the
+    environment gives it: lb/native.py); return its process and log. Raises BenchError when
+    it does not come up."""
     sock = tmp / "lbd.sock"
     conf = tmp / "lbd.toml"
     web = "\n".join(f'  {{ address = "{SERVERS[n]}", port = {HTTP_RPORT} }},'
@@ -306,7 +309,8 @@ def start_lbd(lab: Lab, tmp: Path) -> tuple[subprocess.Popen[bytes], Path]:
     conf.write_text(LBD_CONF.format(socket=sock, vip=VIP, iperf=IPERF_PORT, http=HTTP_VPORT,
                                     s1=SERVERS["s1"], web=web))
     log = tmp / "lbd.log"
-    proc = lab.spawn("lba", [str(BIN / "lbd"), "--config", str(conf)], log=str(log), env=ENV)
+    env = {**ENV, "LBD_NATIVE": "pure"} if pure else ENV
+    proc = lab.spawn("lba", [str(BIN / "lbd"), "--config", str(conf)], log=str(log), env=env)
 
     def answering() -> bool:
         if proc.poll() is not None:
@@ -484,8 +488,8 @@ def _setup(system: str, lab: Lab, tmp: Path) -> Target:
         return Target(SERVERS["s1"], SERVERS["s1"], HTTP_RPORT)
     if system == "haproxy":
         proc, log = start_haproxy(lab, tmp)
-    elif system == "lbd":
-        proc, log = start_lbd(lab, tmp)
+    elif system in ("lbd", "lbd-pure"):
+        proc, log = start_lbd(lab, tmp, pure=system == "lbd-pure")
     else:
         raise ValueError(system)
     return Target(VIP, VIP, HTTP_VPORT, proc, log)

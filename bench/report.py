@@ -1,8 +1,9 @@
 """Figures, the checks made on them, and how they are shown: a text table and a JSON document.
 
 A :class:`Figure` holds one measured quantity for each system it was measured on ("lbd",
-"kernel", "haproxy"); a :class:`Check` compares lbd against a peer (a ratio) or against an
-absolute bound, with the target the issue sets. Pure: no I/O besides building strings.
+"kernel", "haproxy", and "lbd-pure" when asked for: lbd forced to pure-Python modules); a
+:class:`Check` compares lbd against a peer (a ratio) or against an absolute bound, with the
+target the issue sets. Pure: no I/O besides building strings.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
-SYSTEMS: Final = ("lbd", "kernel", "haproxy")
+SYSTEMS: Final = ("lbd", "kernel", "haproxy", "lbd-pure")
+ALWAYS_SHOWN: Final = SYSTEMS[:3]  # a column for lbd-pure only in a run that measured it
 
 Op = Literal[">=", "<="]
 
@@ -110,17 +112,19 @@ def _check_cells(fig: Figure, check: Check) -> list[str]:
 
 def table(figures: list[Figure]) -> str:
     """The figures as an aligned text table, one row per check."""
-    header = ["figure", "unit", *SYSTEMS, "ratio", "target", "result"]
+    shown = [s for s in SYSTEMS if s in ALWAYS_SHOWN
+             or any(s in fig.values or s in fig.errors for fig in figures)]
+    header = ["figure", "unit", *shown, "ratio", "target", "result"]
     rows: list[list[str]] = []
     for fig in figures:
-        base = [fig.title, fig.unit, *(_cell(fig, s) for s in SYSTEMS)]
+        base = [fig.title, fig.unit, *(_cell(fig, s) for s in shown)]
         if not fig.checks:
             rows.append([*base, "", "", ""])
         for i, check in enumerate(fig.checks):
             lead = base if i == 0 else [""] * len(base)
             rows.append([*lead, *_check_cells(fig, check)])
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    numeric = {2, 3, 4}
+    numeric = set(range(2, 2 + len(shown)))
 
     def line(cells: list[str]) -> str:
         return "  ".join(c.rjust(w) if i in numeric else c.ljust(w)

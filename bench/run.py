@@ -1,6 +1,6 @@
 """``python -m bench``: run the benchmarks, print one table of figures and ratios.
 
-    python -m bench [--only throughput,pps,cps,memory] [--systems lbd,kernel,haproxy]
+    python -m bench [--only throughput,pps,cps,memory] [--systems lbd,kernel,haproxy,lbd-pure]
                     [--duration 3] [--rounds 3] [--json PATH]
                     [--sessions 1000000] [--conns 32] [--streams 4]
 
@@ -35,11 +35,15 @@ from bench.report import Check, Figure, as_json, table
 
 BENCHES = ("throughput", "pps", "cps", "memory", "failover", "sync", "synflood")
 FLOOD_RATES = {"synflood_15k": 15000, "synflood_max": 0}
-SYSTEMS_ORDER = ("kernel", "haproxy", "lbd")
+SYSTEMS_ORDER = ("kernel", "haproxy", "lbd", "lbd-pure")
+DEFAULT_SYSTEMS = ("kernel", "haproxy", "lbd")  # lbd-pure: lbd with LBD_NATIVE=pure, on request
 
 
-def make_figures(benches: Sequence[str], plan: netbench.Plan, sessions: int) -> list[Figure]:
-    tput_checks = (Check("haproxy", ">=", 1.0), Check("kernel", ">=", 0.5))
+def make_figures(benches: Sequence[str], plan: netbench.Plan, sessions: int,
+                 systems: Sequence[str] = DEFAULT_SYSTEMS) -> list[Figure]:
+    # compiled/pure, shown when the run measures lbd-pure beside lbd (no target: a report)
+    pure = (Check("lbd-pure"),) if "lbd-pure" in systems else ()
+    tput_checks = (Check("haproxy", ">=", 1.0), Check("kernel", ">=", 0.5), *pure)
     figs: list[Figure] = []
     if "throughput" in benches:
         figs.append(Figure("tcp_1", "TCP throughput, 1 stream", "Gbit/s", True, tput_checks))
@@ -49,10 +53,10 @@ def make_figures(benches: Sequence[str], plan: netbench.Plan, sessions: int) -> 
                                tput_checks))
     if "pps" in benches:
         figs.append(Figure("udp_pps", f"UDP {netbench.UDP_PAYLOAD} B datagrams received",
-                           "pkt/s", True, (Check("kernel"),)))
+                           "pkt/s", True, (Check("kernel"), *pure)))
     if "cps" in benches:
         figs.append(Figure("cps", "New TCP connections (HTTP, Connection: close)", "conn/s",
-                           True, (Check("haproxy", ">=", 0.8),)))
+                           True, (Check("haproxy", ">=", 0.8), *pure)))
     if "failover" in benches:
         figs.append(Figure("failover", "Failover seen by a client (SIGKILL → first good "
                            "request, 100 ms adverts)", "s", False, (Check(None, "<=", 0.5),)))
@@ -78,8 +82,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     ap.add_argument("--only", default=",".join(BENCHES),
                     help=f"comma-separated subset of {','.join(BENCHES)} (default: all)")
-    ap.add_argument("--systems", default=",".join(SYSTEMS_ORDER),
-                    help="comma-separated subset of lbd,kernel,haproxy (default: all)")
+    ap.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS),
+                    help="comma-separated subset of lbd,kernel,haproxy,lbd-pure (default: "
+                         "lbd,kernel,haproxy; lbd-pure is lbd on pure-Python modules)")
     ap.add_argument("--duration", type=float, default=3.0,
                     help="seconds per client run (iperf3, wrk); default 3")
     ap.add_argument("--rounds", type=int, default=3,
@@ -132,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                if b not in ("memory", "failover", "sync", "synflood")),
                          args.duration,
                          rounds=args.rounds, conns=args.conns, streams=args.streams)
-    figures = make_figures(args.benches, plan, args.sessions)
+    figures = make_figures(args.benches, plan, args.sessions, args.system_list)
     by_key = {f.key: f for f in figures}
     started = time.monotonic()
     others = _other_namespaces()

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import uvloop
 
-from lb import logs
+from lb import logs, native
 from lb.config import Config, ConfigError, load_config
 from lb.hostcheck import EXIT_ERRORS, LocalHost, check, check_config, exit_status
 from lb.node import Node
@@ -233,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
                 f.render(config.source))
     if exit_status(findings) == EXIT_ERRORS:
         return 1
+    log.info("%s", native.status().describe())  # which build of the hot path runs
     return uvloop.run(serve(config))
 
 

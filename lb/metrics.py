@@ -20,6 +20,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from lb import native
 from lb.forwarder import DROP_REASONS, Forwarder
 from lb.servers import AdminState
 from lb.services import ServiceSet
@@ -36,11 +37,19 @@ def build_info() -> Iterator[Metric]:
     yield info
 
 
+def native_modules() -> Iterator[Metric]:
+    """``lbd_native_modules``: how many hot-path modules run compiled by mypyc, 0 when lbd
+    runs pure Python (lb/native.py; the start-up log names them and says why not)."""
+    yield GaugeMetricFamily("lbd_native_modules",
+                            "Hot-path modules running compiled by mypyc (0: pure Python)",
+                            value=len(native.status().modules))
+
+
 class SourceCollector:
     """Calls every source on each scrape; :func:`build_info` is always the first."""
 
     def __init__(self) -> None:
-        self.sources: list[Source] = [build_info]
+        self.sources: list[Source] = [build_info, native_modules]
 
     def collect(self) -> Iterator[Metric]:
         for source in self.sources:

@@ -8,6 +8,12 @@
 #                                   examples/, sync.key (generated, 0600, only if none)
 #   $STATEDIR (/var/lib/lbd)        created (0750)
 #
+# The hot-path modules are compiled by mypyc into the venv's site-packages/lbd-native
+# (lb/native.py); lbd uses them while they match the installed source and falls back to pure
+# Python otherwise. That needs a C compiler and the Python headers (Debian: gcc python3-dev);
+# mypy (which brings mypyc) and setuptools are build tools only: they are installed into a
+# throwaway directory for the build and never into the venv. NATIVE=0 installs pure Python.
+#
 # With DESTDIR=<dir> every path above is put under <dir> and nothing outside it is touched
 # (a staging root for a package). Without it, `systemctl daemon-reload` runs so that systemd
 # sees the unit; no service is enabled, started, stopped or disabled, lbd's or any other.
@@ -22,6 +28,7 @@ UNITDIR=${UNITDIR:-/etc/systemd/system}
 SYSCONFDIR=${SYSCONFDIR:-/etc/lbd}
 STATEDIR=${STATEDIR:-/var/lib/lbd}
 PYTHON=${PYTHON:-python3}
+NATIVE=${NATIVE:-1}
 
 src=$(cd "$(dirname "$0")/.." && pwd)
 say() { printf 'install.sh: %s\n' "$*"; }
@@ -40,6 +47,18 @@ case $DESTDIR in
   ""|/*) ;;
   *) DESTDIR=$(pwd)/$DESTDIR ;;
 esac
+case $NATIVE in
+  0|1) ;;
+  *) say "NATIVE must be 1 (compile the hot path, the default) or 0, got '$NATIVE'" >&2; exit 2 ;;
+esac
+if [ "$NATIVE" = 1 ]; then
+  headers=$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
+  if ! command -v cc >/dev/null || [ ! -e "$headers/Python.h" ]; then
+    say "compiling the hot path needs a C compiler and $headers/Python.h" \
+        "(Debian: apt-get install gcc python3-dev); or NATIVE=0 for pure Python" >&2
+    exit 2
+  fi
+fi
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"; rm -rf "${new:-}"' EXIT
@@ -55,8 +74,20 @@ mkdir -p "$(dirname "$venv")"
 "$PYTHON" -m venv "$new"
 # A copy of the sources, so that the build leaves no build/ or egg-info in the checkout and
 # cannot pick up a stale build/ from it.
-tar -C "$src" --exclude=__pycache__ -cf - pyproject.toml lb ha | tar -C "$work" -xf -
+tar -C "$src" --exclude=__pycache__ -cf - pyproject.toml lb ha scripts/build_native.py \
+  | tar -C "$work" -xf -
 "$new/bin/python" -m pip install --quiet --no-compile --disable-pip-version-check "$work"
+if [ "$NATIVE" = 1 ]; then
+  # pyproject.toml's "native" extra names the build tools (one place for their versions).
+  mapfile -t tools < <("$new/bin/python" -c 'import sys, tomllib
+print("\n".join(tomllib.load(open(sys.argv[1], "rb"))["project"]["optional-dependencies"]["native"]))
+' "$work/pyproject.toml")
+  "$new/bin/python" -m pip install --quiet --disable-pip-version-check --target "$work/tools" \
+    "${tools[@]}"
+  site=$("$new/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
+  PYTHONPATH=$work/tools "$new/bin/python" "$work/scripts/build_native.py" \
+    --out "$site/lbd-native" >/dev/null
+fi
 grep -rlIF -- "$new" "$new/bin" "$new/pyvenv.cfg" | while read -r f; do
   sed -i "s|$new|$PREFIX|g" "$f"
 done
@@ -69,7 +100,9 @@ if [ -e "$venv" ]; then
 fi
 mv "$new" "$venv"
 rm -rf "$venv.old"
-say "lbd $("$venv/bin/python" -c 'from lb.version import VERSION; print(VERSION)') in $venv"
+# -I: the installed lbd, not the one in the current directory (a checkout, when run from one).
+say "lbd $("$venv/bin/python" -I -c 'from lb.version import VERSION; print(VERSION)') in $venv:" \
+    "$("$venv/bin/python" -I -c 'import lb.native; print(lb.native.status().describe())')"
 
 # --- commands and unit -----------------------------------------------------------------------
 install -d -m 0755 "$DESTDIR$BINDIR"

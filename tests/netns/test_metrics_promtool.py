@@ -151,7 +151,7 @@ def test_a_real_prometheus_scrapes_lbd(env: LabEnv) -> None:
     prometheus = Path(tool).with_name("prometheus")
     assert prometheus.exists(), f"{prometheus} missing (the Debian package 'prometheus')"
     env.start_servers()
-    env.lbd(configs.single(scheduler="rr", health=HEALTH))
+    lbd = env.lbd(configs.single(scheduler="rr", health=HEALTH))
     conf = env.tmp / "prometheus.yml"
     conf.write_text("global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
                     "scrape_configs:\n"
@@ -165,5 +165,7 @@ def test_a_real_prometheus_scrapes_lbd(env: LabEnv) -> None:
                         ] == ["1"], timeout=30, what="Prometheus to scrape lbd with up == 1")
     for expr in ("lbd_build_info", "lbd_process_resident_memory_bytes",
                  "lbd_process_cpu_seconds_total", "lbd_config_last_reload_successful == 1",
-                 'lbd_drops_total{reason="table_full"} == 0', "lbd_server_weight == 1"):
+                 'lbd_drops_total{reason="table_full"} == 0', "lbd_server_weight == 1",
+                 "lbd_native_modules"):
         assert query(env, expr), expr
+    assert "hot-path modules " in lbd.log_text()  # the one line that says which build runs

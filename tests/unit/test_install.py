@@ -2,8 +2,14 @@
 root, and nothing outside it.
 
 One real install (a venv, pip from the local project, ~8 s), run twice so that the second
-run proves an upgrade keeps the operator's config and key. Then:
+run proves an upgrade keeps the operator's config and key. The first installs pure Python
+(``NATIVE=0``); in the run of the unit tests on the compiled modules (``LBD_NATIVE=require``,
+``make unit``) the second compiles the hot path as production does by default (~25 s more),
+otherwise it is pure Python too. Then:
 
+- the hot path: pure after the first install, compiled after the second when it compiled,
+  from site-packages/lbd-native, with no extension module among the sources and mypy only a
+  build tool (not in the venv);
 - the layout and modes: venv in /opt/lbd without test tools, /usr/local/bin symlinks to its
   entry points, the unit, /etc/lbd with the example config and a 0600 generated key,
   /var/lib/lbd 0750;
@@ -29,6 +35,7 @@ from pathlib import Path
 import pytest
 
 from ha.sync_codec import MIN_KEY, load_key
+from lb import native
 from lb.version import VERSION
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,13 +43,15 @@ REAL = ["/opt/lbd", "/etc/lbd", "/usr/local/bin/lbd", "/usr/local/bin/lbctl",
         "/etc/systemd/system/lbd.service", "/var/lib/lbd"]
 TEST_TOOLS = ["pytest", "hypothesis", "scapy", "ruff", "mypy"]
 EDITED = "# the operator's own config\n"
+COMPILE = os.environ.get(native.ENV) == "require"  # the second install compiles the hot path
 
 
-def install(dest: Path) -> subprocess.CompletedProcess[str]:
+def install(dest: Path, compile_: bool) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items()
            if k not in {"PREFIX", "BINDIR", "UNITDIR", "SYSCONFDIR", "STATEDIR", "MAKEFLAGS",
-                        "MAKELEVEL"}}
-    return subprocess.run(["make", "--no-print-directory", "install", f"DESTDIR={dest}"],
+                        "MAKELEVEL", "NATIVE", native.ENV}}
+    return subprocess.run(["make", "--no-print-directory", "install", f"DESTDIR={dest}",
+                           f"NATIVE={int(compile_)}"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
                           check=False)
 
@@ -53,25 +62,31 @@ def checkout_droppings() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def dest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def installs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str, str]]:
+    """The root, and what the first and the second install said."""
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
     before = {p: os.path.lexists(p) for p in REAL}
     droppings = checkout_droppings()
     d = tmp_path_factory.mktemp("root")
-    first = install(d)
+    first = install(d, False)
     assert first.returncode == 0, first.stdout + first.stderr
     assert (d / "etc/lbd/lbd.toml").read_text() == (ROOT / "conf/single.toml").read_text()
     key = (d / "etc/lbd/sync.key").read_bytes()
     (d / "etc/lbd/lbd.toml").write_text(EDITED)
-    second = install(d)
+    second = install(d, COMPILE)
     assert second.returncode == 0, second.stdout + second.stderr
     assert "kept /etc/lbd/lbd.toml" in second.stdout
     assert (d / "etc/lbd/sync.key").read_bytes() == key
     assert (d / "etc/lbd/lbd.toml").read_text() == EDITED
     assert {p: os.path.lexists(p) for p in REAL} == before
     assert checkout_droppings() == droppings
-    yield d
+    yield d, first.stdout, second.stdout
+
+
+@pytest.fixture(scope="module")
+def dest(installs: tuple[Path, str, str]) -> Path:
+    return installs[0]
 
 
 def mode(p: Path) -> int:
@@ -105,6 +120,27 @@ def test_the_venv_has_lbd_and_no_test_tools(dest: Path) -> None:
     names = {p.name.lower() for p in site.iterdir()}
     assert "lb" in names and "ha" in names and "uvloop" in names
     assert not [t for t in TEST_TOOLS if t in names], sorted(names)
+
+
+def test_the_hot_path_is_compiled_by_default_and_pure_on_request(
+        installs: tuple[Path, str, str], tmp_path: Path) -> None:
+    dest, first, second = installs
+    assert "hot-path modules pure Python (no build in " in first
+    site = next((dest / "opt/lbd/lib").glob("python3*/site-packages"))
+    assert native.stray_extensions(site) == []
+    where = subprocess.run([str(dest / "opt/lbd/bin/python"), "-c",
+                            "import lb.forwarder; print(lb.forwarder.__file__)"],
+                           cwd=tmp_path, env={**os.environ, native.ENV: "auto"},
+                           capture_output=True, text=True, check=True).stdout.strip()
+    if not COMPILE:
+        assert "hot-path modules pure Python" in second
+        assert not (site / native.NATIVE_DIR).exists()
+        assert where == str(site / "lb/forwarder.py")
+        return
+    assert "hot-path modules compiled by mypyc: lb.packet" in second
+    assert where == str(site / native.NATIVE_DIR / "lb" / ("forwarder" + native.ext_suffix()))
+    manifest = (site / native.NATIVE_DIR / native.MANIFEST).read_text()
+    assert str(dest) not in manifest and "/opt/lbd" not in manifest  # relative paths only
 
 
 def test_installed_commands_run_from_the_venv(dest: Path, tmp_path: Path) -> None:

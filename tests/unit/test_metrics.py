@@ -301,3 +301,9 @@ def test_stop_closes_the_port(world: World) -> None:
 
 def test_build_info_names_the_version_of_this_checkout(world: World) -> None:
     assert value(samples(world.scrape()), "lbd_build_info", version=VERSION) == 1
+
+
+def test_native_modules_counts_the_compiled_modules_this_process_runs(world: World) -> None:
+    from lb import native
+    assert value(samples(world.scrape()), "lbd_native_modules") == \
+        len(native.status().modules)
