@@ -92,6 +92,7 @@ class Replicator:
         self.wake = wake  # called when ``pending`` stops being empty (the shell flushes later)
         self.connected = False  # the stream to the peer is up: queue records
         self.pending: list[Record] = []
+        self.pending_since = 0.0  # when the first of ``pending`` was queued (the clock's time)
         self.holding = False  # the peer's stream is up: copies are expired by their owner
         self._snap_sessions: set[int] | None = None  # forward keys a snapshot carried
         self._snap_bindings: set[tuple[int, int]] | None = None
@@ -143,6 +144,7 @@ class Replicator:
     def _push(self, record: Record) -> None:
         self.pending.append(record)
         if len(self.pending) == 1:
+            self.pending_since = self.clock()
             self.wake()
 
     def take(self) -> list[Record]:
