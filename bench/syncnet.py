@@ -43,19 +43,13 @@ from pathlib import Path
 from typing import Any
 
 from ha.sync_window import quantile
-from lab.harness import ENV, LabEnv, Lbd, Samples, shipped_node_config
+from lab.harness import ENV, LabEnv, Lbd, Samples, large_node_config
 from lab.topology import VIP, Lab, build, wait_until
 
 SNAPSHOT_SIZES = (100_000, 1_000_000)
 DELAY_RATE = 5000
 DELAY_BATCH = 25  # SYNs back to back every 5 ms: a smooth 5k/s, not bursts of 500 each 0.1 s
 HISTOGRAM = "lbd_sync_ack_delay_seconds"
-SESSIONS = """
-[sessions]
-max_sessions = 2200000
-max_half_open = 2000000
-snapshot_interval = "1h"
-"""
 
 
 @dataclass
@@ -65,11 +59,6 @@ class Result:
     values: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     errors: dict[str, str] = field(default_factory=dict)
-
-
-def config(node: str, tmp: Path) -> str:
-    """The shipped config of ``node`` (node-a, node-b) with the bench's [sessions]."""
-    return shipped_node_config(node, tmp) + SESSIONS
 
 
 def transitions(lbd: Lbd) -> int:
@@ -89,7 +78,7 @@ def sessions(lbd: Lbd) -> int:
 def start_pair(env: LabEnv, fill: int = 0) -> tuple[Lbd, Lbd, dict[str, float]]:
     """lba (filled with ``fill`` sessions) up as master alone, then lbb as backup with its
     sync connected; timings of lba's start."""
-    a = env.lbd(config("node-a", env.tmp), "lba", start=False, fill=fill)
+    a = env.lbd(large_node_config("node-a", env.tmp), "lba", start=False, fill=fill)
     t0 = time.monotonic()
     a.start(wait=False)
     a.wait_answering(timeout=30 + fill / 10_000)
@@ -98,7 +87,7 @@ def start_pair(env: LabEnv, fill: int = 0) -> tuple[Lbd, Lbd, dict[str, float]]:
     times = {"answering": answering, "master": time.monotonic() - t0,
              "load": float(a.ctl("status")["table_snapshot"]["load"].get("seconds", 0.0))}
     times["backup_spawned"] = time.monotonic()
-    b = env.lbd(config("node-b", env.tmp), "lbb")
+    b = env.lbd(large_node_config("node-b", env.tmp), "lbb")
     wait_until(lambda: states(b) == {"BACKUP"}, timeout=30, what="lbb to be backup")
     for lbd in (a, b):
         wait_until(lambda lbd=lbd: lbd.ctl("sync")["connected"],  # type: ignore[misc]

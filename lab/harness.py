@@ -163,6 +163,22 @@ def shipped_node_config(name: str, tmp: Path) -> str:
     return re.sub(r'key_file = "[^"]*"', f'key_file = "{key}"', text)
 
 
+LARGE_TABLES = """
+[sessions]
+max_sessions = 2200000
+max_half_open = 2000000
+snapshot_interval = "1h"
+"""
+"""[sessions] for a pair that holds 10⁶ sessions (lab.fill) and takes SYN loads without
+evicting half-open sessions; the table snapshot is loaded at start but not rewritten during
+a test or bench (an hour apart)."""
+
+
+def large_node_config(name: str, tmp: Path) -> str:
+    """:func:`shipped_node_config` with :data:`LARGE_TABLES`."""
+    return shipped_node_config(name, tmp) + LARGE_TABLES
+
+
 class Holder:
     """Connections held open through the VIP by a client process."""
 
