@@ -35,16 +35,14 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from ha.sync_window import quantile
-from lab.harness import ENV, LabEnv, Lbd, Samples, large_node_config
-from lab.topology import VIP, Lab, build, wait_until
+from lab.harness import ENV, LabEnv, Lbd, Samples, large_node_config, pair_env
+from lab.topology import VIP, wait_until
 
 SNAPSHOT_SIZES = (100_000, 1_000_000)
 DELAY_RATE = 5000
@@ -197,30 +195,23 @@ def measure(sizes: Sequence[int] = SNAPSHOT_SIZES, duration: float = 5.0,
             progress: Callable[[str], None] = print) -> Result:
     """Every figure of the module docstring, one lab for all."""
     res = Result()
-    lab = Lab()
-    try:
-        build(lab, pair=True)
-        with tempfile.TemporaryDirectory(prefix="lbd-syncnet-") as tmp:
-            env = LabEnv(lab, Path(tmp))
-            env.start_servers()
-            progress(f"syncnet: an empty pair, SYN load at {DELAY_RATE}/s, delay to the "
-                     "backup's ack")
-            a, b, _ = start_pair(env)
-            wait_until(lambda: all(s["up"] for s in a.ctl("servers")), timeout=20,
-                       what="lba's servers to be up")
-            before = transitions(a), transitions(b)
-            measure_delay(env, a, duration, res)
-            progress("syncnet: SYN load at full rate")
-            measure_rate(env, a, b, duration, res)
-            res.notes.append(f"VRRP transitions during the SYN loads: lba "
-                             f"{transitions(a) - before[0]}, lbb {transitions(b) - before[1]}")
-            for lbd in (a, b):
-                lbd.stop(signal.SIGKILL)
-            for count in sizes:
-                progress(f"syncnet: master filled with {count:,} sessions, backup starts")
-                measure_snapshot(env, count, res)
-    finally:
-        lab.close()
+    with pair_env("lbd-syncnet-") as env:
+        progress(f"syncnet: an empty pair, SYN load at {DELAY_RATE}/s, delay to the "
+                 "backup's ack")
+        a, b, _ = start_pair(env)
+        wait_until(lambda: all(s["up"] for s in a.ctl("servers")), timeout=20,
+                   what="lba's servers to be up")
+        before = transitions(a), transitions(b)
+        measure_delay(env, a, duration, res)
+        progress("syncnet: SYN load at full rate")
+        measure_rate(env, a, b, duration, res)
+        res.notes.append(f"VRRP transitions during the SYN loads: lba "
+                         f"{transitions(a) - before[0]}, lbb {transitions(b) - before[1]}")
+        for lbd in (a, b):
+            lbd.stop(signal.SIGKILL)
+        for count in sizes:
+            progress(f"syncnet: master filled with {count:,} sessions, backup starts")
+            measure_snapshot(env, count, res)
     return res
 
 

@@ -3,12 +3,15 @@ namespace tests and the benchmarks)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal as _signal
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +19,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from lab.fill import write as write_snapshot
-from lab.topology import SERVERS, VIP, Lab, wait_until
+from lab.topology import SERVERS, VIP, Lab, build, wait_until
 from lb.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,6 +154,21 @@ class LabEnv:
         return proc
 
     servers: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def pair_env(prefix: str) -> Iterator[LabEnv]:
+    """The lab of a pair (``build(pair=True)``) with its real servers running and a temporary
+    directory for configs, state and logs; everything deleted on the way out."""
+    lab = Lab()
+    try:
+        build(lab, pair=True)
+        with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+            env = LabEnv(lab, Path(tmp))
+            env.start_servers()
+            yield env
+    finally:
+        lab.close()
 
 
 def shipped_node_config(name: str, tmp: Path) -> str:
