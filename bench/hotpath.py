@@ -47,8 +47,11 @@ def forwarder(max_sessions: int) -> Forwarder:
         "node": {"name": "bench", "control_socket": "/run/lbd-bench.sock"},
         "dataplane": {"client_interface": "eth0", "server_interface": "eth1"},
         "sessions": {"max_sessions": max_sessions},
+        # Per-source limits on, high enough that every SYN is admitted: the SYN figure
+        # includes the per-source count and token bucket (150 sources, ~670 SYNs each).
         "virtual_servers": {"web": {"address": VIP, "port": 80, "pool": "web",
-                                    "scheduler": "rr"}},
+                                    "scheduler": "rr", "max_conns_per_source": 1 << 20,
+                                    "max_conn_rate_per_source": 1 << 20}},
         "pools": {"web": {"servers": [{"address": a, "port": 8080} for a in SERVERS]}},
     }, "bench.hotpath")
     services = build_services(cfg)

@@ -275,6 +275,10 @@ port = {http}
 protocol = "tcp"
 pool = "web"
 scheduler = "rr"
+# wrk drives thousands of new connections a second from ONE client address: beyond the
+# per-source defaults (1000 new a second), so the bench turns the limits off (docs/config.md).
+max_conns_per_source = 0
+max_conn_rate_per_source = 0
 
 [pools.iperf]
 servers = [ {{ address = "{s1}", port = {iperf} }} ]

@@ -56,6 +56,10 @@ def make_figures(benches: Sequence[str], plan: netbench.Plan, sessions: int) -> 
     if "failover" in benches:
         figs.append(Figure("failover", "Failover seen by a client (SIGKILL → first good "
                            "request, 100 ms adverts)", "s", False, (Check(None, "<=", 0.5),)))
+        figs.append(Figure("failover_30", "Failover, 30 ms adverts: SIGKILL → first good "
+                           "request", "s", False, (Check(None, "<=", 0.15),)))
+        figs.append(Figure("failover_gap_30", "Failover, 30 ms adverts: largest gap of a "
+                           "stream across the kill", "s", False, (Check(None, "<=", 0.25),)))
     if "sync" in benches:
         figs.append(Figure("sync_rate", "Sessions synced per second (encode, MAC, decode, "
                            "install; in-process)", "sess/s", True, (Check(None),)))
@@ -155,7 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "memory" in args.benches:
             _memory(args.sessions, by_key["mem_session"])
         if "failover" in args.benches:
-            _failover(args.rounds, by_key["failover"])
+            _failover(args.rounds, by_key["failover"], None, None)
+            _failover(args.rounds, by_key["failover_30"], by_key["failover_gap_30"], "30ms")
         if "sync" in args.benches:
             _sync_rate(by_key["sync_rate"])
         if "syncnet" in args.benches:
@@ -274,17 +279,24 @@ def _syncnet(duration: float, figs: list[Figure]) -> None:
     figs[0].notes.extend(result.notes)
 
 
-def _failover(rounds: int, fig: Figure) -> None:
+def _failover(rounds: int, fig: Figure, gap_fig: Figure | None, advert: str | None) -> None:
+    figs = [f for f in (fig, gap_fig) if f is not None]
     if os.geteuid() != 0:
-        fig.errors["lbd"] = "needs root"
+        for f in figs:
+            f.errors["lbd"] = "needs root"
         return
     for rnd in range(rounds):
-        progress(f"round {rnd + 1}/{rounds}: failover of an lbd pair")
+        progress(f"round {rnd + 1}/{rounds}: failover of an lbd pair"
+                 + (f" ({advert} adverts)" if advert else ""))
         try:
-            fig.add_sample("lbd", failover.one_round())
+            got = failover.one_round(advert)
         except (RuntimeError, OSError, subprocess.SubprocessError, TimeoutError) as exc:
-            fig.errors["lbd"] = f"round {rnd + 1}: {exc.__class__.__name__}: {exc}"
+            for f in figs:
+                f.errors["lbd"] = f"round {rnd + 1}: {exc.__class__.__name__}: {exc}"
             return
+        fig.add_sample("lbd", got.first_request)
+        if gap_fig is not None:
+            gap_fig.add_sample("lbd", got.stream_gap)
 
 
 def _other_namespaces() -> list[str]:

@@ -13,6 +13,13 @@ the I/O around them:
   priority change when a weight is given) and ``track_pools`` (no usable server → same),
   re-evaluated on a short poll and whenever a pool's health changes;
 - keepalived-compatible notify scripts, run without blocking the loop.
+
+The runners, their sockets and timers, the machines and the group reconciliation live on
+the VRRP thread (:mod:`ha.vrrp_thread`), so adverts leave on time while the main loop
+forwards packets; everything else here (ownership, roles, notify, tracking) stays on the
+main loop. What crosses: state changes and re-announcements, posted to the main loop in
+order; priorities, faults, reconfiguration, demotion, start and stop, run on the VRRP
+thread. Status and metrics read the machines' plain attributes.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from ha.vrrp_machine import (
     VrrpConfig,
     VrrpMachine,
 )
+from ha.vrrp_thread import VrrpThread
 from lb.addr import int_to_ip, ip_to_int
 from lb.config import Config, VrrpGroupConfig, VrrpInstanceConfig
 from lb.kernel import Kernel
@@ -82,10 +90,13 @@ class HaController:
         self._tasks: list[asyncio.Task[None]] = []
         self._notify_tasks: set[asyncio.Task[None]] = set()
         self.notify_failures = 0
+        self._vrrp = VrrpThread()
+        self._main: asyncio.AbstractEventLoop | None = None
 
     # ---- life cycle -------------------------------------------------------------------------
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._main = asyncio.get_running_loop()
+        self._vrrp.start()
         member_of = {i: g.name for g in self.config.vrrp_groups for i in g.instances}
         by_if: dict[str, list[VrrpInstanceConfig]] = {}
         for ic in self.config.vrrp_instances:
@@ -107,8 +118,9 @@ class HaController:
                 runner_instances.append(RunnerInstance(
                     ic.name, machine, tuple(ip_to_int(p) for p in ic.unicast_peers)))
             transport = RawVrrpSocket.open(ifname, idx, src)
-            runner = VrrpRunner(loop, transport, src, runner_instances, self._on_state_change,
-                                on_step=self._on_step, on_announce=self._on_announce)
+            runner = VrrpRunner(self._vrrp.loop, transport, src, runner_instances,
+                                self._on_state_change, on_step=self._on_step,
+                                on_announce=self._on_announce)
             for ri in runner_instances:
                 self.instances[ri.name].runner = runner
             self.runners.append(runner)
@@ -118,9 +130,16 @@ class HaController:
         self.owner.open_interfaces(by_if)
         self._tasks.append(loop.create_task(self._apply_changes()))
         await self.evaluate_tracking()
+        await self._vrrp.call(self._start_runners)
+        self._tasks.append(loop.create_task(self._poll_tracking()))
+
+    def _start_runners(self) -> None:
         for runner in self.runners:
             runner.start()
-        self._tasks.append(loop.create_task(self._poll_tracking()))
+
+    def _stop_runners(self) -> None:
+        for runner in self.runners:
+            runner.stop()
 
     async def stop(self) -> None:
         """Release every address, then leave MASTER announcing priority 0 (the peer takes
@@ -128,8 +147,9 @@ class HaController:
         for an address once the peer's gratuitous ARPs have claimed it (a neighbour that
         re-probed us in between would come back to this box and its stopped data plane)."""
         await self.owner.release_all()
-        for runner in self.runners:
-            runner.stop()
+        if self.runners:
+            await self._vrrp.call(self._stop_runners)
+        self._vrrp.stop()
         await self._queue.join()
         for task in self._tasks:
             task.cancel()
@@ -141,7 +161,7 @@ class HaController:
         if self._notify_tasks:
             await asyncio.wait(list(self._notify_tasks), timeout=2)
 
-    # ---- events -----------------------------------------------------------------------------
+    # ---- events (the first three run on the VRRP thread) --------------------------------------
     def _on_step(self, now: float) -> None:
         for group in self.groups:
             group.reconcile(now)
@@ -149,20 +169,29 @@ class HaController:
             runner.flush()
 
     def _on_state_change(self, name: str, change: StateChange) -> None:
-        inst = self.instances[name]
         log.warning("instance %s: %s -> %s (%s)", name, change.old.name, change.new.name,
                     change.reason.name.lower())
-        self._queue.put_nowait((name, change, time.monotonic()))
+        self._to_main(self._state_changed, name, change, time.monotonic())
+
+    def _on_announce(self, name: str, announcement: Reannounce) -> None:
+        log.warning("instance %s: %s claimed master and stepped down: announcing the "
+                    "addresses again", name, int_to_ip(announcement.rival))
+        self._to_main(self._queue.put_nowait, (name, announcement, time.monotonic()))
+
+    def _to_main(self, fn: Callable[..., object], *args: object) -> None:
+        assert self._main is not None
+        with contextlib.suppress(RuntimeError):  # the main loop is closed: lbd is exiting
+            self._main.call_soon_threadsafe(fn, *args)
+
+    def _state_changed(self, name: str, change: StateChange, at: float) -> None:
+        """On the main loop, in the order the VRRP thread saw the changes."""
+        inst = self.instances[name]
+        self._queue.put_nowait((name, change, at))
         self.on_state(name, change.new)
         self._notify(inst.config.notify, inst.config, "INSTANCE", name, change.new,
                      inst.machine.priority)
         if inst.group is not None:
             self._group_changed(inst.group)
-
-    def _on_announce(self, name: str, announcement: Reannounce) -> None:
-        log.warning("instance %s: %s claimed master and stepped down: announcing the "
-                    "addresses again", name, int_to_ip(announcement.rival))
-        self._queue.put_nowait((name, announcement, time.monotonic()))
 
     async def _apply_changes(self) -> None:
         """Apply ownership for what is queued, all of it together: a sync group's members
@@ -325,22 +354,22 @@ class HaController:
         tracking, GARP and notify settings without a state change, so no address moves unless
         the new priorities say so (preemption decides, as at any priority change). Returns
         the instances that changed."""
-        changed = []
-        now = asyncio.get_running_loop().time()
-        for ic in config.vrrp_instances:
-            inst = self.instances[ic.name]
-            if ic == inst.config:
-                continue
-            inst.machine.reconfigure(_machine_config(ic, inst.machine.config.primary_address),
-                                     now)
-            inst.config = ic
-            changed.append(ic.name)
+        changed = [ic for ic in config.vrrp_instances if ic != self.instances[ic.name].config]
+
+        def apply() -> None:
+            now = self._vrrp.loop.time()
+            for ic in changed:
+                machine = self.instances[ic.name].machine
+                machine.reconfigure(_machine_config(ic, machine.config.primary_address), now)
+            if changed:
+                self._on_step(now)  # re-arm the timers: a MASTER's sooner advert leaves on time
+        await self._vrrp.call(apply)
+        for ic in changed:
+            self.instances[ic.name].config = ic
         self.config = config
         self.group_configs = {g.name: g for g in config.vrrp_groups}
         await self.evaluate_tracking()
-        if changed:
-            self._on_step(now)  # re-arm the timers: a MASTER's sooner advert leaves on time
-        return changed
+        return [ic.name for ic in changed]
 
     async def demote(self, demoted: bool) -> list[str]:
         """``lbctl demote`` / ``promote``. Demoted, every instance's priority is held at 1
@@ -354,13 +383,16 @@ class HaController:
         await self.evaluate_tracking()
         if not demoted:
             return []
-        stepped = [name for name, inst in self.instances.items()
-                   if inst.machine.state is State.MASTER and inst.runner is not None]
-        for name in stepped:  # a sync group may already have stepped a member down
-            now = asyncio.get_running_loop().time()
-            self.instances[name].machine.force_backup(now)
-            self._on_step(now)
-        return stepped
+
+        def step_down() -> list[str]:
+            stepped = [name for name, inst in self.instances.items()
+                       if inst.machine.state is State.MASTER and inst.runner is not None]
+            for name in stepped:  # a sync group may already have stepped a member down
+                now = self._vrrp.loop.time()
+                self.instances[name].machine.force_backup(now)
+                self._on_step(now)
+            return stepped
+        return await self._vrrp.call(step_down)
 
     def _apply_tracking(self, inst: Instance, fault: bool, priority: int,
                         failed: list[str]) -> None:
@@ -374,12 +406,13 @@ class HaController:
         runner = inst.runner
         if runner is None:
             return
+        name = inst.config.name
         if priority != inst.priority:
             inst.priority = priority
-            runner.set_priority(inst.config.name, priority)
+            self._vrrp.post(lambda: runner.set_priority(name, priority))
         if fault != inst.fault:
             inst.fault = fault
-            runner.set_fault(inst.config.name, fault)
+            self._vrrp.post(lambda: runner.set_fault(name, fault))
 
     # ---- read side --------------------------------------------------------------------------
     def status(self) -> dict[str, dict[str, object]]:
@@ -397,6 +430,7 @@ class HaController:
                 "advert_interval": inst.config.advert_interval,
                 "master_advert_interval": m.master_adver_interval,
                 "preempt": inst.config.preempt,
+                "scheduling": self._vrrp.scheduling,
             }
         return out
 
@@ -430,11 +464,11 @@ class HaController:
             trans.add_metric([name], m.transitions)
             sent.add_metric([name], m.adverts_sent)
             recv.add_metric([name], m.adverts_received)
-            for reason, n in m.dropped.items():
+            for reason, n in list(m.dropped.items()):  # written by the VRRP thread
                 dropped.add_metric([name, reason.value], n)
         for runner in self.runners:
             scope = f"interface:{int_to_ip(runner.primary_address)}"
-            for reason, n in runner.dropped.items():
+            for reason, n in list(runner.dropped.items()):
                 dropped.add_metric([scope, reason.value], n)
         yield from (state, prio, trans, sent, recv, dropped, rivals, reannounced)
         yield CounterMetricFamily("lbd_garps_sent", "Gratuitous ARPs sent",

@@ -79,6 +79,7 @@ from lb.config import SyncConfig
 log = logging.getLogger("lbd.sync")
 
 RECONNECT = 0.5  # seconds between connection attempts
+RECONNECT_MAX = 8.0  # after refused handshakes the delay doubles up to this (a wrong key)
 HEARTBEAT = 0.5  # seconds between heartbeats on a connection we send on
 GATE_TIMEOUT = 5.0  # seconds a starting node waits for the peer's snapshot at most
 HANDSHAKE_TIMEOUT = 2.0  # seconds a connection may take for its whole handshake
@@ -134,6 +135,12 @@ class SyncService:
         self.snapshot_requests_received = 0
         self.errors: dict[str, int] = {}
         self.connects = 0
+        # Seconds before the next outbound attempt: RECONNECT, doubled by every refused (not
+        # timed-out) handshake up to RECONNECT_MAX, back to RECONNECT once one succeeds.
+        self.retry_delay = RECONNECT
+        # Refusal reasons already logged since the last good handshake: a peer with the wrong
+        # key is logged once per reason, not every attempt (every one is still counted).
+        self._refusals_logged: set[str] = set()
         self.lag = 0.0
         self.last_received = 0.0
         self.bytes_sent = 0  # frames written on the outbound connection
@@ -213,7 +220,7 @@ class SyncService:
             "lag_seconds": round(self.lag, 6),
             "unacked": self.unacked,
             "oldest_unacked_seconds": round(self.oldest_unacked_seconds, 6),
-            "connects": self.connects,
+            "connects": self.connects, "retry_delay": self.retry_delay,
             "records_sent": self.records_sent, "snapshots_sent": self.snapshots_sent,
             "snapshot_requests_sent": self.snapshot_requests_sent,
             "snapshot_requests_received": self.snapshot_requests_received,
@@ -350,15 +357,28 @@ class SyncService:
             return "handshake_timeout"
 
     def _refused(self, outcome: HandshakeError | str, hs: Handshake, who: str) -> None:
-        """Count and log (once: the connection is closed next) a failed handshake."""
+        """Count every failed handshake; log each reason once until a handshake succeeds
+        (a misconfigured peer retries for as long as it runs)."""
+        reason = outcome.value if isinstance(outcome, HandshakeError) else outcome
+        self._count(self.errors, reason)
+        first = reason not in self._refusals_logged
+        self._refusals_logged.add(reason)
         if isinstance(outcome, HandshakeError):
-            self._count(self.errors, outcome.value)
-            log.error("sync: %s: %s", who, describe(outcome, hs.peer_protocol))
+            why, level = describe(outcome, hs.peer_protocol), logging.ERROR
         else:
-            self._count(self.errors, outcome)
             why = ("closed during the handshake" if outcome == "handshake_closed"
                    else f"no handshake within {HANDSHAKE_TIMEOUT:g} s")
-            log.info("sync: %s: %s", who, why)
+            level = logging.INFO
+        if first:
+            log.log(level, "sync: %s: %s (repeats are counted in lbctl sync, not logged, "
+                    "until a handshake succeeds)", who, why)
+        else:
+            log.debug("sync: %s: %s", who, why)
+
+    def _handshake_done(self) -> None:
+        """A handshake succeeded: the next refusal is news again, retries are quick again."""
+        self._refusals_logged.clear()
+        self.retry_delay = RECONNECT
 
     async def _connect_loop(self) -> None:
         peer = self.cfg.peer
@@ -367,7 +387,7 @@ class SyncService:
                 reader, writer = await asyncio.wait_for(asyncio.open_connection(
                     peer.host, peer.port, local_addr=(self.cfg.listen.host, 0)), 2)
             except (OSError, TimeoutError):
-                await asyncio.sleep(RECONNECT)
+                await asyncio.sleep(self.retry_delay)
                 continue
             try:
                 await self._outbound(reader, writer)
@@ -376,7 +396,7 @@ class SyncService:
                 log.warning("sync: connection to %s lost: %s", peer, exc)
             self._drop_outbound("closed")
             writer.close()
-            await asyncio.sleep(RECONNECT)
+            await asyncio.sleep(self.retry_delay)
 
     async def _outbound(self, reader: asyncio.StreamReader,
                         writer: asyncio.StreamWriter) -> None:
@@ -385,7 +405,11 @@ class SyncService:
         keys = await self._handshake(reader, writer, hs)
         if not isinstance(keys, Keys):
             self._refused(keys, hs, f"connection to {self.cfg.peer}")
+            if isinstance(keys, HandshakeError):  # refused: a wrong key will not heal soon;
+                # a peer that was slow or closed (frozen, restarting) is retried at once
+                self.retry_delay = min(self.retry_delay * 2, RECONNECT_MAX)
             return
+        self._handshake_done()
         self._writer, self._encoder = writer, Encoder(keys.send)
         self._window.clear()
         self.rep.connected = True
@@ -425,12 +449,24 @@ class SyncService:
                         self.send_snapshot()
                     if self._writer is None:  # dropped (backlog) while answering
                         return
-                data = await reader.read(1 << 16)
+                data = await self._read(reader, "outbound")
                 if not data:
                     return
                 decoder.feed(data)
         finally:
             hb.cancel()
+
+    async def _read(self, reader: asyncio.StreamReader, side: str) -> bytes:
+        """The next bytes of a connection; b"" at its end or when the peer has been silent for
+        ``peer_timeout`` (a dead peer behind a link TCP has not given up on yet: without
+        this the connection, and the copies it keeps alive, would wait for minutes)."""
+        try:
+            return await asyncio.wait_for(reader.read(1 << 16), self.cfg.peer_timeout)
+        except TimeoutError:
+            self._count(self.errors, "peer_silent")
+            log.warning("sync: nothing from %s on the %s connection for %g s: dropped",
+                        self.peer_node or self.cfg.peer, side, self.cfg.peer_timeout)
+            return b""
 
     async def _heartbeats(self) -> None:
         while self._writer is not None:
@@ -466,6 +502,7 @@ class SyncService:
             hs = Handshake(self.key, self.nonce(NONCE_SIZE), initiator=False, seen=self._nonces)
             keys = await self._handshake(reader, writer, hs)
             if isinstance(keys, Keys):
+                self._handshake_done()
                 await self._inbound_session(reader, writer, keys, hs.leftover)
             else:
                 peername = writer.get_extra_info("peername")
@@ -524,7 +561,7 @@ class SyncService:
                 if writer in self._inbound and decoder.sequence > acked:
                     acked = decoder.sequence
                     writer.write(acks.frame([Applied(acked)]))
-                data = await reader.read(1 << 16)
+                data = await self._read(reader, "inbound")
                 if not data:
                     break
         finally:

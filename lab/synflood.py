@@ -2,7 +2,7 @@
 
     python -m lab.synflood VIP --port 80 --rate 15000 --duration 6
 
-Sources are random addresses of the clients' subnet (198.51.100.100-250: the address plan,
+Sources are random addresses of the clients' subnet (198.51.100.110-250: the address plan,
 none of them a lab host) with random ports and sequence numbers: every SYN opens a new flow
 and none of them ever completes its handshake, as with a flood from spoofed sources. The
 packets are built before the clock starts and sent through one raw socket (``IP_HDRINCL``),
@@ -21,7 +21,7 @@ import time
 
 from lab.malformed import checksum
 
-SOURCES = range(100, 251)  # 198.51.100.100-250
+SOURCES = range(110, 251)  # 198.51.100.110-250: above the lab clients (.100-.102)
 BATCH = 500
 
 

@@ -121,6 +121,9 @@ class SessionsConfig:
 
     max_sessions: int = 1_048_576
     max_half_open: int = 0  # 0: max_sessions // 8 (see lb.sessions.SessionTable)
+    # Client sources tracked for the per-source limits at most (lb.source_limits);
+    # 0: max_sessions // 4.
+    max_tracked_sources: int = 0
     tcp_syn_timeout: float = 60.0  # "60s"
     tcp_established_timeout: float = 900.0  # "15m"
     tcp_fin_timeout: float = 120.0  # "2m"
@@ -153,6 +156,27 @@ class VirtualServerConfig:
     persistence: Persistence = "none"
     persistence_timeout: float = 300.0  # "5m"
     persistence_netmask: int = 32  # clients in the same /N share a binding
+    # Per client source address (HAProxy's conn_cur / conn_rate; lb.source_limits), 0 =
+    # unlimited: open sessions at once, and new sessions per conn_rate_period (a token bucket
+    # of that size). Beyond either a new session is dropped and counted. Reloadable. These
+    # are a tcp virtual server's defaults; a udp one's are UDP_SOURCE_LIMITS.
+    max_conns_per_source: int = 10_000
+    max_conn_rate_per_source: int = 1_000
+    conn_rate_period: float = 1.0  # "1s"
+
+
+SOURCE_LIMIT_KEYS: Final = ("max_conns_per_source", "max_conn_rate_per_source",
+                            "conn_rate_period")
+"""Keys of a virtual server that say nothing about the sessions it holds: left out of
+:meth:`Config.service_digest`, so that two nodes (or a snapshot and the node loading it)
+with other limits still agree on every session."""
+
+UDP_SOURCE_LIMITS: Final[Mapping[str, int]] = types.MappingProxyType(
+    {"max_conns_per_source": 0, "max_conn_rate_per_source": 0})
+"""The loader's defaults for a udp virtual server: unlimited. A UDP flow has no close, so it
+counts until it idles out (``udp_timeout``, 5 minutes), and a resolver or a NAT sends
+thousands of new flows a second from one address (a new source port per query): a default
+would refuse exactly the busiest legitimate clients. Set them per virtual server."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -314,6 +338,10 @@ class SyncConfig:
     # Bytes sent and not yet applied by a peer that does not keep up (beyond a snapshot in
     # flight) before the transport drops the connection; the next one starts with a snapshot.
     max_backlog: int = 8 << 20
+    # A connection on which nothing arrives for this long is dead (the peer lost power, the
+    # link is cut and TCP has not noticed): dropped, and the peer's copies expire by their
+    # own timeouts again. Heartbeats and acknowledgements flow every 0.5 s on a live one.
+    peer_timeout: float = 5.0
 
 
 def _no_pools() -> Mapping[str, PoolConfig]:
@@ -352,7 +380,10 @@ class Config:
         them sends names something the other has. Health checks, timeouts and VRRP do not
         enter it. Used by the sync hello and the table snapshot on disk."""
         canon = {
-            "virtual_servers": sorted(dataclasses.astuple(vs) for vs in self.virtual_servers),
+            "virtual_servers": sorted(
+                tuple(getattr(vs, f.name) for f in dataclasses.fields(vs)
+                      if f.name not in SOURCE_LIMIT_KEYS)
+                for vs in self.virtual_servers),
             "pools": sorted((p.name, [dataclasses.astuple(s) for s in p.servers])
                             for p in self.pools.values()),
         }
@@ -573,6 +604,7 @@ def _sessions(t: _Table) -> SessionsConfig:
     sessions = SessionsConfig(
         max_sessions=t.get("max_sessions", _int(1), d.max_sessions),
         max_half_open=t.get("max_half_open", _int(1), d.max_half_open),
+        max_tracked_sources=t.get("max_tracked_sources", _int(1), d.max_tracked_sources),
         tcp_syn_timeout=t.get("tcp_syn_timeout", positive, d.tcp_syn_timeout),
         tcp_established_timeout=t.get(
             "tcp_established_timeout", positive, d.tcp_established_timeout
@@ -604,11 +636,14 @@ def _virtual_servers(root: _Table, pool_names: Collection[str]) -> tuple[Virtual
     result: list[VirtualServerConfig] = []
     seen: dict[tuple[str, int, str], str] = {}
     for name, t in root.tables("virtual_servers"):
+        protocol = t.get("protocol", _choice(_PROTOCOLS), _default(d, "protocol"))
+        limits = (UDP_SOURCE_LIMITS if protocol == "udp"
+                  else {key: _default(d, key) for key in UDP_SOURCE_LIMITS})
         vs = VirtualServerConfig(
             name=name,
             address=t.req("address", _ipv4(unicast=True), ""),
             port=t.req("port", _PORT, 0),
-            protocol=t.get("protocol", _choice(_PROTOCOLS), _default(d, "protocol")),
+            protocol=protocol,
             pool=t.req("pool", _name, ""),
             scheduler=t.get("scheduler", _choice(_SCHEDULERS), _default(d, "scheduler")),
             persistence=t.get("persistence", _choice(_PERSISTENCES), _default(d, "persistence")),
@@ -618,6 +653,12 @@ def _virtual_servers(root: _Table, pool_names: Collection[str]) -> tuple[Virtual
             persistence_netmask=t.get(
                 "persistence_netmask", _int(0, 32), _default(d, "persistence_netmask")
             ),
+            max_conns_per_source=t.get("max_conns_per_source", _int(0, _LIMIT_MAX),
+                                       limits["max_conns_per_source"]),
+            max_conn_rate_per_source=t.get("max_conn_rate_per_source", _int(0, _LIMIT_MAX),
+                                           limits["max_conn_rate_per_source"]),
+            conn_rate_period=t.get("conn_rate_period", _duration(positive=True),
+                                   _default(d, "conn_rate_period")),
         )
         if vs.pool and vs.pool not in pool_names:
             t.errors.add(t.at("pool"), f"no pool named '{vs.pool}'{_hint(vs.pool, pool_names)}")
@@ -893,7 +934,12 @@ def _sync(t: _Table) -> SyncConfig:
                                  _default(SyncConfig, "reply_hold_packets")),
         max_backlog=t.get("max_backlog", _int(1 << 12, 1 << 30),
                           _default(SyncConfig, "max_backlog")),
+        peer_timeout=t.get("peer_timeout", _duration(positive=True),
+                           _default(SyncConfig, "peer_timeout")),
     )
+    if sync.peer_timeout < 1.0:  # heartbeats and acknowledgements come every 0.5 s
+        t.errors.add(t.at("peer_timeout"), f"{sync.peer_timeout:g} s is less than 1s: a live "
+                     "connection, with a heartbeat every 0.5 s, would be dropped")
     t.finish()
     return sync
 
@@ -1093,6 +1139,7 @@ def _int(lo: int, hi: int | None = None) -> _Conv[int]:
 
 
 _PORT: Final = _int(1, 65535)
+_LIMIT_MAX: Final = 1 << 31  # a per-source limit (0 = unlimited)
 
 
 def _bool(errors: _Errors, path: str, value: object) -> bool | None:

@@ -19,11 +19,17 @@ what the server side did is reported to the owner through ``peer`` (a reply with
 or a refresh at most once per half the session's timeout): the owner's table stays the truth.
 A reply that finds no session while a hold is configured waits in :mod:`lb.reply_hold` for
 the peer's record (``release_held``), and the packets to write then are pulled from
-``ready``.
+``ready``. While the peer's sync stream is down (``peer_streaming`` says so) no record will
+come: a reply whose server belongs to exactly one virtual server the peer masters is
+forwarded as that virtual server's at once, and a copy of its flow is made here, as the
+owner's record would have made it (``replies_inferred``; the peer's next snapshot replaces
+or removes it). Without this, every new connection to the peer's VIP would fail for as long
+as the sync link is cut.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from lb.packet import (
@@ -47,7 +53,8 @@ from lb.persistence import Binding, PersistenceTable
 from lb.reply_hold import ReplyHold
 from lb.servers import RealServer
 from lb.services import Service, ServiceSet
-from lb.sessions import Session, SessionTable, flow_key
+from lb.sessions import Session, SessionTable, TcpState, flow_key
+from lb.source_limits import CONN_LIMIT, RATE_LIMIT, SourceEntry
 
 DROP, FORWARD, SEND = 0, 1, 2
 
@@ -57,7 +64,8 @@ ICMP_ERROR_TYPES = frozenset((3, 11, 12))
 _ZERO_VNET = bytes(VNET_HDR_LEN)
 
 DROP_REASONS = ("no_session", "no_service", "no_server", "table_full", "flow_conflict",
-                "icmp_bad", "icmp_unsupported", "icmp_no_session", "reply_hold_timeout")
+                "icmp_bad", "icmp_unsupported", "icmp_no_session", "reply_hold_timeout",
+                CONN_LIMIT, RATE_LIMIT)
 """Every reason :meth:`Forwarder.drop` is called with (the metrics show each from 0)."""
 
 
@@ -65,6 +73,10 @@ class SessionEvents(Protocol):
     def session_added(self, s: Session[Service]) -> None: ...
     def session_changed(self, s: Session[Service]) -> None: ...
     def session_removed(self, s: Session[Service], reason: str) -> None: ...
+
+
+_SYN_RECV = int(TcpState.SYN_RECV)
+_ESTABLISHED = int(TcpState.ESTABLISHED)
 
 
 class PeerReports(Protocol):
@@ -102,9 +114,13 @@ class Forwarder:
                  persistence: PersistenceTable[Service], *, peer: PeerReports | None = None,
                  hold: ReplyHold | None = None) -> None:
         self.sessions = sessions
+        self._admit = sessions.sources.admit
         self.persistence = persistence
         self.peer = peer
         self.hold = hold
+        # Set by the node with [sync]: False while the peer's stream is down (no record of a
+        # flow the peer opens can arrive; see the module docstring).
+        self.peer_streaming: Callable[[], bool] | None = None
         self.ready: list[bytearray] = []  # released held replies, rewritten, to write
         self.echo_addresses: frozenset[int] = frozenset()  # held addresses that are no VIP
         # A copy's state is its owner's: report a reply after half its timeout of silence.
@@ -119,6 +135,8 @@ class Forwarder:
         self.bytes_out = 0
         self.icmp_replies = 0
         self.picked_up = 0  # TCP flows taken over mid-stream (consistent schedulers only)
+        self.replies_inferred = 0  # the peer's flows copied from a reply while sync was down
+        self.replies_ambiguous = 0  # ... not: their server serves several such services
         self.resets_sent = 0
         self.errors = 0
         self.drops: dict[str, int] = {}
@@ -162,10 +180,14 @@ class Forwarder:
         rkey = (proto << 96) | (saddr << 64) | (daddr << 32) | (sport << 16) | dport
         s = self.sessions.lookup_reply(rkey)
         if s is None:
-            if self.hold is not None and self.hold.hold(rkey, bytes(buf[:end]), now):
+            if (self.peer_streaming is not None and not self.peer_streaming()
+                    and (s := self._infer(proto, saddr, sport, daddr, dport, flags, now))):
+                pass  # the peer's flow, copied here; forwarded below
+            elif self.hold is not None and self.hold.hold(rkey, bytes(buf[:end]), now):
                 self.out_len = 0
                 return DROP  # held, not dropped: counted by the hold
-            return self.drop("no_session")
+            else:
+                return self.drop("no_session")
         svc = s.service
         if svc.owned:
             self.sessions.seen_reply(s, flags, now)
@@ -180,6 +202,31 @@ class Forwarder:
         self.packets_out += 1
         self.bytes_out += end - off
         return FORWARD
+
+    def _infer(self, proto: int, saddr: int, sport: int, daddr: int, dport: int, flags: int,
+               now: float) -> Session[Service] | None:
+        """A reply from server ``saddr:sport`` to client ``daddr:dport`` that no session knows,
+        with the peer's stream down: the peer's flow, if exactly one virtual server the peer
+        masters has this server (otherwise which VIP to answer from is unknown: None)."""
+        found: tuple[Service, RealServer] | None = None
+        for svc in self.services.services:
+            if svc.owned or svc.proto != proto:
+                continue
+            for srv in svc.pool.servers:
+                if srv.addr == saddr and srv.port == sport:
+                    if found is not None:
+                        self.replies_ambiguous += 1
+                        return None
+                    found = (svc, srv)
+        if found is None:
+            return None
+        svc, srv = found
+        state = 0 if proto != PROTO_TCP else (_SYN_RECV if flags & SYN else _ESTABLISHED)
+        s = self.sessions.install(proto, daddr, dport, svc.vaddr, svc.vport, srv, svc, state,
+                                  now, now)
+        if s is not None:
+            self.replies_inferred += 1
+        return s
 
     def release_held(self, s: Session[Service], now: float) -> int:
         """The peer's record for ``s`` arrived: rewrite the replies held for it into
@@ -218,7 +265,8 @@ class Forwarder:
         """Schedule and create the session of a new flow (replacing ``reused``, a closing
         session with the same 5-tuple), or refuse it. A refused flow changes no table: the
         checks that can refuse it all run before anything is removed, bound or rebound."""
-        svc = self._by_key.get((proto << 48) | (daddr << 16) | dport)
+        skey = (proto << 48) | (daddr << 16) | dport  # Service.key
+        svc = self._by_key.get(skey)
         if svc is None:
             self._refuse(buf, off, end, proto, flags, "no_service")
             return None
@@ -249,6 +297,18 @@ class Forwarder:
             # server: the replies could not be told apart.
             self.drop("flow_conflict")
             return None
+        # Per-source limits, last of the checks (a refused flow takes no count or token):
+        # a new session opened here (a SYN, a UDP flow's first packet) counts; a TCP flow
+        # picked up mid-stream is an existing connection and does not. A refused SYN is
+        # dropped, not answered (docs/architecture.md, "Per-source limits").
+        source: SourceEntry | None = None
+        limits = svc.source_limits
+        if limits is not None and (flags & SYN or proto != PROTO_TCP):
+            admitted = self._admit((skey << 32) | saddr, limits, now)  # source_key()
+            if isinstance(admitted, str):
+                self.drop(admitted)
+                return None
+            source = admitted
         # A closing session of another virtual server that holds the reverse key (the
         # client reused the port for the other VIP, and the server is the same) is over: the
         # new flow replaces it, as a new SYN replaces a closing session of its own 5-tuple.
@@ -257,7 +317,7 @@ class Forwarder:
                 self.sessions.remove(old, "reused", now)
         binding = self._bind(svc, saddr, server, bound, now)
         s = self.sessions.create(proto, saddr, sport, daddr, dport, server, svc, flags, now,
-                                 binding)
+                                 binding, source)
         if s is None:  # not reached: create() refuses only what was checked above
             self.drop("table_full")
             return None

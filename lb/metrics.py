@@ -120,6 +120,18 @@ def dataplane_metrics(fwd: Forwarder, services: Callable[[], ServiceSet],
                                   "Half-open sessions evicted for a new SYN (oldest first: "
                                   "max_half_open reached, or the table full)",
                                   value=table.half_open_evictions)
+        sources = table.sources
+        yield GaugeMetricFamily("lbd_sources_tracked",
+                                "Client sources tracked for the per-source limits",
+                                value=len(sources))
+        yield CounterMetricFamily("lbd_sources_untracked",
+                                  "New sessions admitted without a per-source count (the "
+                                  "source tracker was full of sources with sessions)",
+                                  value=sources.untracked)
+        yield CounterMetricFamily("lbd_sources_evicted",
+                                  "Idle sources forgotten before their rate window ended, "
+                                  "to make room for a new one",
+                                  value=sources.evicted)
         yield GaugeMetricFamily("lbd_persistence_bindings", "Client-IP persistence bindings",
                                 value=len(fwd.persistence))
         if extra is not None:

@@ -25,7 +25,7 @@ from prometheus_client.core import (
 from ha.controller import HaController
 from ha.ownership import AddressOwner
 from ha.replication import Replicator
-from ha.roles import Lost, PeerSnapshotComplete, Roles, Took
+from ha.roles import STANDALONE, Lost, PeerSnapshotComplete, Roles, Took
 from ha.sync import SyncService
 from ha.sync_codec import load_key
 from ha.vrrp_machine import State
@@ -55,6 +55,7 @@ from lb.servers import AdminState, RealServer, candidates
 from lb.services import Service, ServiceSet, build_services
 from lb.sessions import Session, SessionTable, SessionTimeouts
 from lb.snapshot_store import SnapshotStore
+from lb.source_limits import CONN_LIMIT, RATE_LIMIT, SourceTracker
 from lb.table_snapshot import Installed
 from lb.tun import open_tun
 
@@ -127,6 +128,15 @@ class CheckStats:
         return [hist, checks, failures, trans]
 
 
+def _limits(svc: Service) -> dict[str, float] | None:
+    """A virtual server's per-source limits as status shows them (None: unlimited)."""
+    lim = svc.source_limits
+    if lim is None:
+        return None
+    return {"max_conns_per_source": lim.max_conns, "max_conn_rate_per_source": lim.max_rate,
+            "conn_rate_period": lim.period}
+
+
 class Node:
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -150,7 +160,9 @@ class Node:
         self.sessions: SessionTable[Service] = SessionTable(
             session_timeouts(config), config.sessions.max_sessions,
             tick=config.sessions.expiry_tick, observer=self.counts,
-            max_half_open=config.sessions.max_half_open or None)
+            max_half_open=config.sessions.max_half_open or None,
+            sources=SourceTracker(config.sessions.max_tracked_sources
+                                  or max(1, config.sessions.max_sessions // 4)))
         self.persistence: PersistenceTable[Service] = PersistenceTable()
         # The tables on local disk: loaded at start, written every snapshot_interval.
         self.snapshots = SnapshotStore(config.node.state_dir, config.service_digest(),
@@ -269,6 +281,8 @@ class Node:
         self.counts.downstream = rep
         self.persistence.observer = rep
         self.forwarder.peer = rep
+        sync = self.sync
+        self.forwarder.peer_streaming = lambda: sync.inbound_connected
         await self.sync.start()
         self.collector.sources.append(self.sync.metrics)
 
@@ -615,8 +629,12 @@ class Node:
             "sessions": len(self.sessions),
             "sessions_half_open": self.sessions.half_open,
             "half_open_evicted": self.sessions.half_open_evictions,
+            "source_limits": self.source_limits_status(),
             "persistence": len(self.persistence),
-            "masters": sorted(self.roles.mastered),
+            # A standalone node masters one implicit instance (ha.roles.STANDALONE, ""):
+            # not a VRRP instance, so not listed; "standalone" says it owns everything.
+            "masters": sorted(i for i in self.roles.mastered if i != STANDALONE),
+            "standalone": self.config.standalone,
             "demoted": self.runtime.operator.demoted,
             "sync": self.sync_status(),
             "table_snapshot": self.snapshots.status(),
@@ -625,9 +643,20 @@ class Node:
                                          "active_sessions": s.active,
                                          "sessions_created": s.created_total,
                                          "instance": s.owner or None, "owned": s.owned,
+                                         "source_limits": _limits(s),
                                          "held": self._held(int_to_ip(s.vaddr))}
                                 for s in self.services.services},
         }
+
+    def source_limits_status(self) -> dict[str, int]:
+        """The per-source limits at a glance (lb.source_limits; the drops are the
+        forwarder's counts, the same as ``lbd_drops_total{reason}``)."""
+        tracker = self.sessions.sources
+        drops = self.forwarder.drops
+        return {"tracked": len(tracker), "idle": tracker.idle, "capacity": tracker.capacity,
+                "conn_limit_drops": drops.get(CONN_LIMIT, 0),
+                "rate_limit_drops": drops.get(RATE_LIMIT, 0),
+                "untracked": tracker.untracked, "evicted": tracker.evicted}
 
     _LIST_OPTIONS: dict[str, type[int] | type[str] | None] = {
         "--virtual": str, "--server": str, "--client": str, "--limit": int}
@@ -818,6 +847,8 @@ class Node:
             "lbd_config_reloads_total": self.reloads,
             "lbd_config_reload_failures_total": self.reload_failures,
             "lbd_sessions_picked_up_total": self.forwarder.picked_up,
+            "lbd_replies_inferred_total": self.forwarder.replies_inferred,
+            "lbd_replies_ambiguous_total": self.forwarder.replies_ambiguous,
             **self._hold_counters(),
         }
 

@@ -17,6 +17,7 @@ from lb.config import Config, PoolConfig, VirtualServerConfig
 from lb.packet import PROTO_TCP, PROTO_UDP
 from lb.schedulers import Scheduler, make_scheduler
 from lb.servers import RealServer, candidates
+from lb.source_limits import SourceLimits
 
 PROTOCOLS = {"tcp": PROTO_TCP, "udp": PROTO_UDP}
 
@@ -67,6 +68,9 @@ class Service:
     # from ha.roles, and the data plane reads it per packet.
     owner: str = ""
     owned: bool = True
+    # Per client source address (lb.source_limits); None when no limit applies. Read per new
+    # flow, so a reload that changes the limits applies to the next SYN.
+    source_limits: SourceLimits | None = None
     # counters read at scrape time
     active: int = 0
     created_total: int = 0  # sessions this node scheduled (not those synced from the peer)
@@ -114,17 +118,20 @@ def build_service(cfg: VirtualServerConfig, pool: Pool, previous: Service | None
     scheduler = make_scheduler(cfg.scheduler, pool_size=len(pool.servers))
     mask = netmask(cfg.persistence_netmask)
     persistent = cfg.persistence == "client-ip"
+    limits = SourceLimits(cfg.max_conns_per_source, cfg.max_conn_rate_per_source,
+                          cfg.conn_rate_period)
     if previous is not None and previous.key == service_key(proto, vaddr, cfg.port):
         svc = previous
         svc.pool, svc.scheduler = pool, scheduler
         svc.persistence, svc.persistence_timeout = persistent, cfg.persistence_timeout
         svc.persistence_mask = mask
         svc.owner = owner
+        svc.source_limits = limits if limits.active else None
     else:
         svc = Service(name=cfg.name, proto=proto, vaddr=vaddr, vport=cfg.port, pool=pool,
                       scheduler=scheduler, persistence=persistent,
                       persistence_timeout=cfg.persistence_timeout, persistence_mask=mask,
-                      owner=owner)
+                      owner=owner, source_limits=limits if limits.active else None)
     pool.services.append(svc)
     return svc
 

@@ -45,6 +45,7 @@ from typing import Final, Generic, Protocol, TypeVar
 
 from lb.persistence import Binding
 from lb.servers import RealServer
+from lb.source_limits import SourceEntry, SourceTracker
 from lb.wheel import UNFILED, TimingWheel
 
 __all__ = [
@@ -211,10 +212,13 @@ class Session(Generic[S]):
     ``fkey``/``rkey``: the forward and reverse keys; ``server``: the real server;
     ``service``: the data plane's virtual-server runtime (opaque here); ``state``: a
     :class:`TcpState` value as a plain int; ``last_seen``: time of the last packet;
-    ``binding``: the persistence binding it holds a reference on, or None.
+    ``binding``: the persistence binding it holds a reference on, or None; ``source``: the
+    per-source counter (:mod:`lb.source_limits`) that counts it, or None (not counted: a copy
+    from the peer, a flow picked up mid-stream, a virtual server without limits, or closing).
     """
 
-    __slots__ = ("_slot", "binding", "fkey", "last_seen", "rkey", "server", "service", "state")
+    __slots__ = ("_slot", "binding", "fkey", "last_seen", "rkey", "server", "service", "source",
+                 "state")
 
     def __init__(
         self,
@@ -233,6 +237,7 @@ class Session(Generic[S]):
         self.state = state
         self.last_seen = last_seen
         self.binding = binding
+        self.source: SourceEntry | None = None
         self._slot = UNFILED  # owned by the table's TimingWheel; UNFILED once removed
 
     # Derived from the keys: for APIs and tests, not the hot path.
@@ -313,6 +318,15 @@ class SessionTable(Generic[S]):
     slots; a real client's handshake completes within a round trip, long before its slot's
     turn comes (a slot lives ``max_half_open`` / flood rate seconds), and established
     sessions are never touched.
+
+    ``sources`` (:class:`lb.source_limits.SourceTracker`, by default one of ``max_sessions``
+    / 4 entries) holds the per-source counts of the sessions this node opened
+    (:meth:`create` with ``source``). A counted session gives its count back exactly once
+    (:meth:`_uncount`, which clears ``Session.source``): when it leaves the table, however
+    it leaves (every removal goes through :meth:`_drop`), or earlier, when it first enters a
+    closing state (a FIN or RST seen: like HAProxy's ``conn_cur``, a connection that is
+    closing or in TIME_WAIT is no longer open, and counting the TIME_WAIT sessions of a
+    client behind a NAT would refuse it for two minutes after a burst of short requests).
     """
 
     lookup: Callable[[int], Session[S] | None]
@@ -325,6 +339,7 @@ class SessionTable(Generic[S]):
         tick: float = 0.1,
         observer: SessionObserver[S] | None = None,
         max_half_open: int | None = None,
+        sources: SourceTracker | None = None,
     ) -> None:
         timeout_of = tuple(timeouts.timeout(st) for st in TcpState)
 
@@ -352,6 +367,8 @@ class SessionTable(Generic[S]):
                               else max_half_open)
         self._half_open: dict[int, Session[S]] = {}  # SYN_RECV sessions, oldest first
         self.half_open_evictions = 0
+        self.sources = (SourceTracker(max(1, max_sessions // 4)) if sources is None
+                        else sources)
 
     # --- queries -------------------------------------------------------------------------
 
@@ -426,16 +443,20 @@ class SessionTable(Generic[S]):
         tcp_flags: int,
         now: float,
         binding: Binding[S] | None = None,
+        source: SourceEntry | None = None,
     ) -> Session[S] | None:
         """A new flow from its first (client) packet; None when refused (table full, or
         reverse key taken). The caller has checked that ``lookup`` finds no session.
 
-        Takes a reference on ``binding`` (released by :meth:`remove`).
+        Takes a reference on ``binding`` (released by :meth:`remove`) and the count that
+        ``source`` (admitted by ``sources``) took for it; a refused flow gives that back.
         """
         fkey = _from_bytes(_pack_key(proto, caddr, vaddr, cport, vport), "big")
         rkey = _from_bytes(_pack_key(proto, server.addr, caddr, server.port, cport), "big")
         if rkey in self._rev:
             self.conflict_drops += 1
+            if source is not None:
+                self.sources.release(source, now)
             return None
         if fkey in self._fwd:
             raise ValueError("create() of a flow that already has a session")
@@ -451,8 +472,15 @@ class SessionTable(Generic[S]):
             self._evict_half_open(now)
         if len(self._fwd) >= self.max_sessions:
             self.full_drops += 1
+            if source is not None:
+                self.sources.release(source, now)
             return None
         s: Session[S] = Session(fkey, rkey, server, service, state, now, binding)
+        if source is not None:
+            if _CLOSING[state]:  # picked up mid-stream with a FIN or RST: not open
+                self.sources.release(source, now)
+            else:
+                s.source = source
         self._fwd[fkey] = s
         self._rev[rkey] = s
         if state == 1:
@@ -544,8 +572,7 @@ class SessionTable(Generic[S]):
             changed = True
         s.last_seen = max(s.last_seen, last_seen)
         if state != s.state:
-            self._track_half_open(s, state)
-            s.state = state
+            self._change_state(s, state, now)
             changed = True
             self._wheel.file_earlier(s, s.last_seen + self._timeout_of[state])
         if changed and self.observer is not None:
@@ -599,16 +626,29 @@ class SessionTable(Generic[S]):
         s.server.active -= 1
         if s.binding is not None:
             s.binding.release(now)
+        if s.source is not None:
+            self._uncount(s, now)
         self.removed_total += 1
         if self.observer is not None:
             self.observer.session_removed(s, reason)
 
-    def _track_half_open(self, s: Session[S], new: int) -> None:
-        """``s`` moves to state ``new``: keep the half-open index in step."""
+    def _uncount(self, s: Session[S], now: float) -> None:
+        """``s`` stops counting against its source: the one place a count is given back."""
+        e = s.source
+        if e is not None:
+            s.source = None
+            self.sources.release(e, now)
+
+    def _change_state(self, s: Session[S], new: int, now: float) -> None:
+        """``s`` moves to state ``new``: keep the half-open index and the source count in
+        step."""
         if s.state == 1:
             del self._half_open[s.fkey]
         elif new == 1:
             self._half_open[s.fkey] = s  # a new SYN on a closing session: newest now
+        if _CLOSING[new] and s.source is not None:
+            self._uncount(s, now)
+        s.state = new
 
     def _evict_half_open(self, now: float) -> None:
         oldest = next(iter(self._half_open.values()))
@@ -618,9 +658,7 @@ class SessionTable(Generic[S]):
     def _set_state(self, s: Session[S], new: int, now: float) -> None:
         if s._slot == UNFILED:  # a stale reference to a removed session: nothing to track
             return
-        if s.state == 1 or new == 1:
-            self._track_half_open(s, new)
-        s.state = new
+        self._change_state(s, new, now)
         self._wheel.file_earlier(s, now + self._timeout_of[new])
         if self.observer is not None:
             self.observer.session_changed(s)

@@ -12,8 +12,10 @@ def servers_toml(port: int, names: tuple[str, ...] = tuple(SERVERS), extra: str 
 
 def single(*, scheduler: str = "rr", persistence: str = "none", netmask: int = 32,
            health: str = "", sessions: str = "", web_servers: str | None = None,
-           pool_extra: str = "", udp_port: int = 5353, name: str = "lb-test") -> str:
-    """A standalone node: web (VIP:80/tcp → :8080) and dns (VIP:53/udp → :udp_port)."""
+           pool_extra: str = "", udp_port: int = 5353, name: str = "lb-test",
+           web_extra: str = "") -> str:
+    """A standalone node: web (VIP:80/tcp → :8080) and dns (VIP:53/udp → :udp_port);
+    ``web_extra``: more keys of the web virtual server (TOML lines)."""
     web = web_servers or servers_toml(8080)
     return f"""
 [node]
@@ -37,6 +39,7 @@ pool = "web"
 scheduler = "{scheduler}"
 persistence = "{persistence}"
 persistence_netmask = {netmask}
+{web_extra}
 
 [virtual_servers.dns]
 address = "{VIP}"
@@ -72,12 +75,14 @@ addresses = ["{address}"]
 
 def pair(node: str, *, priority: int, advert: str = "100ms", preempt: bool = True,
          extra_instance: str = "", sessions: str = "", sync: bool = False,
-         health: str = "", extra_group: str = "", persistence: str = "none") -> str:
+         health: str = "", extra_group: str = "", persistence: str = "none",
+         web_extra: str = "") -> str:
     """One node of an HA pair: the single-node services plus VRRP instances "front" (the
     VIP on eth0, vrid 51) and "back" (the servers' gateway on eth1, vrid 52) in group
     "pair". ``node`` is "lba" or "lbb"."""
     me, peer = ("198.19.0.2", "198.19.0.3") if node == "lba" else ("198.19.0.3", "198.19.0.2")
-    base = single(name=f"lb-{node}", sessions=sessions, health=health, persistence=persistence)
+    base = single(name=f"lb-{node}", sessions=sessions, health=health, persistence=persistence,
+                  web_extra=web_extra)
     sync_toml = f"""
 [sync]
 listen = "{me}:7411"
@@ -105,6 +110,11 @@ def pair_front_only(node: str, *, priority: int, advert: str = "100ms",
                                                 preempt=preempt)
 
 
+UNLIMITED_SOURCES = "max_conns_per_source = 0\nmax_conn_rate_per_source = 0"
+"""``web_extra`` for a load from one client that is meant to go beyond the per-source
+defaults (wrk: thousands of new connections a second from one address)."""
+
+
 def iperf_service(port: int = 5201, names: tuple[str, ...] = ("s1",)) -> str:
     """TOML to append to a config: virtual server "iperf" (VIP:port/tcp → servers:port)."""
     return f"""
@@ -117,3 +127,19 @@ scheduler = "rr"
 [pools.iperf]
 servers = {servers_toml(port, names)}
 """
+
+
+def udp_flood_service(port: int = 5202, name: str = "s2") -> str:
+    """TOML to append: VIP:port over TCP and UDP to ``name``:port — an iperf3 UDP test (its
+    control connection is TCP on the same port) through the balancer."""
+    return "".join(f"""
+[virtual_servers.iperf{proto}]
+address = "{VIP}"
+port = {port}
+protocol = "{proto}"
+pool = "iperf{proto}"
+scheduler = "rr"
+
+[pools.iperf{proto}]
+servers = {servers_toml(port, (name,))}
+""" for proto in ("tcp", "udp"))

@@ -90,7 +90,10 @@ def test_persistence_pins_client(env: LabEnv) -> None:
     assert len(second) == 1 and sum(second.values()) == 20
     # rr gave c1 the first server and c2 the next one: the bindings differ.
     assert first.keys() != second.keys()
-    assert env.lbds[0].ctl("status")["persistence"] == 2
+    status = env.lbds[0].ctl("status")
+    assert status["persistence"] == 2
+    # A node without [vrrp] masters no VRRP instance: it says it is standalone instead.
+    assert status["masters"] == [] and status["standalone"] is True
 
 
 def test_persistence_netmask_24_pins_the_subnet(env: LabEnv) -> None:

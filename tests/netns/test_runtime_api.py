@@ -137,7 +137,10 @@ def test_demote_moves_the_addresses_to_the_peer_with_a_stream_intact(env: LabEnv
         assert not holds(env, "lba", VIP, "eth0")
         # the same TCP connection, now through lbb (one request: the server then closes it)
         assert holder.send() == ["data"]
-        assert a.ctl("status")["demoted"] is True
+        status = a.ctl("status")
+        assert status["demoted"] is True and status["masters"] == []
+        assert b.ctl("status")["masters"] == ["back", "front"]
+        assert status["standalone"] is False
         assert a.ctl("promote")["demoted"] is False
         wait_states(a, "MASTER", timeout=10)  # its priority is back: it preempts
         wait_until(lambda: holds(env, "lba", VIP, "eth0"), timeout=5, what="lba to hold VIP")

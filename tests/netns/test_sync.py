@@ -9,16 +9,17 @@ master waits for the table before it preempts (gated takeover), so nothing break
 from __future__ import annotations
 
 import signal
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from lab.topology import LB_SYNC, SERVERS, VIP, wait_until
+from lab.topology import CLIENTS, LB_SYNC, SERVERS, VIP, wait_until
 from tests.netns import configs
 from tests.netns.harness import LabEnv, Lbd
-from tests.netns.helpers import Holder, cut_vrrp, metric, scrape
+from tests.netns.helpers import Holder, cut_vrrp, metric, result, scrape, spawn_lab
 from tests.netns.test_vrrp import states, wait_states
 
 pytestmark = pytest.mark.topology(pair=True)
@@ -26,19 +27,19 @@ URL = f"http://{VIP}/"
 NAME_OF = {f"{addr}:8080": name for name, addr in SERVERS.items()}
 
 
-def synced_config(env: LabEnv, node: str, priority: int) -> str:
+def synced_config(env: LabEnv, node: str, priority: int, sessions: str = "") -> str:
     key = env.tmp / "sync.key"
     if not key.exists():
         key.write_text("a shared secret for the lab pair\n")
-    return configs.pair(node, priority=priority, sync=True,
+    return configs.pair(node, priority=priority, sync=True, sessions=sessions,
                         persistence="client-ip").replace("@KEYFILE@", str(key))
 
 
-def start_synced_pair(env: LabEnv) -> tuple[Lbd, Lbd]:
+def start_synced_pair(env: LabEnv, sessions: str = "") -> tuple[Lbd, Lbd]:
     env.start_servers()
-    a = env.lbd(synced_config(env, "lba", 200), "lba")
+    a = env.lbd(synced_config(env, "lba", 200, sessions), "lba")
     wait_states(a, "MASTER")
-    b = env.lbd(synced_config(env, "lbb", 100), "lbb")
+    b = env.lbd(synced_config(env, "lbb", 100, sessions), "lbb")
     wait_states(b, "BACKUP")
     for lbd in (a, b):
         wait_until(lambda lbd=lbd: lbd.ctl("sync")["connected"], timeout=10,  # type: ignore[misc]
@@ -78,6 +79,51 @@ def test_client_mid_session_survives_master_death(env: LabEnv) -> None:
         holder.close()
 
 
+SHORT_TIMEOUTS = """tcp_established_timeout = "3s"
+tcp_fin_timeout = "1s"
+tcp_time_wait_timeout = "1s"
+tcp_close_timeout = "1s"
+"""
+
+
+def client_sessions(lbd: Lbd, client: str) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = lbd.ctl("sessions", "--client", client)
+    return found
+
+
+def test_a_live_session_outlives_its_timeout_on_the_peer_and_an_ended_one_leaves(
+        env: LabEnv) -> None:
+    """Issue 8 item 3. With a 3 s established timeout, a stream that lives 25 s on the master
+    (its own packets keep it there) stays on the backup for three timeouts and more although
+    the master sends no per-packet records — the backup holds the master's copies while the
+    master's stream is up — so a SIGKILL then still finds it. A flow that ends on the master
+    disappears from the backup (the master's removal, not the backup's clock)."""
+    a, b = start_synced_pair(env, sessions=SHORT_TIMEOUTS)
+    c1, c2 = CLIENTS["c1"], CLIENTS["c2"]
+    long = spawn_lab(env, "c1", "lab.client", "stream", f"{URL}stream/25", "--timeout", "3")
+    short = spawn_lab(env, "c2", "lab.client", "stream", f"{URL}stream/1", "--timeout", "3")
+    wait_until(lambda: len(client_sessions(b, c1)) == 1, timeout=5,
+               what="the long stream's session on lbb")
+    received = b.ctl("sync")["records_received"]
+    assert result(short, timeout=10)["error"] == ""
+    # The short stream ended on lba (FIN both ways, TIME_WAIT 1 s): its copy leaves lbb.
+    wait_until(lambda: client_sessions(b, c2) == [] and client_sessions(a, c2) == [],
+               timeout=10, what="the ended flow to leave both tables")
+    # Three established timeouts and more with the long stream alive: present at every look.
+    looks, end = 0, time.monotonic() + 10
+    while time.monotonic() < end:
+        assert len(client_sessions(b, c1)) == 1, "the live stream's copy expired on lbb"
+        looks += 1
+    # No per-packet records: the stream carries 50 lines/s (500+ segments in 10 s), while lbb
+    # received a few records (the short flow's states and removal, no refresh of the live one).
+    records = b.ctl("sync")["records_received"] - received
+    assert records <= 12, f"{records} records for two flows: per-packet sync?"
+    a.stop(signal.SIGKILL)
+    got = result(long, timeout=20)
+    assert got["error"] == "" and got["in_order"] and got["lines"] >= 25 * 25, got
+    print(f"\nidle refresh: {looks} looks over 10 s, {records} records; stream {got}")
+
+
 def test_restarted_master_waits_for_the_table_before_preempting(env: LabEnv) -> None:
     a, b = start_synced_pair(env)
     a.stop(signal.SIGKILL)
@@ -107,6 +153,9 @@ def test_forged_sync_frames_are_refused(env: LabEnv) -> None:
     wait_until(lambda: b.ctl("sync")["errors"].get("handshake_proof", 0) >= 1, timeout=10,
                what="lbb to refuse lba's handshake")
     assert "handshake proof does not match" in b.log_text()
+    # lba keeps trying, ever more slowly, and each node logs the refusal once, not per try
+    wait_until(lambda: a.ctl("sync")["retry_delay"] > 1, timeout=10, what="lba to back off")
+    assert b.log_text().count("handshake proof does not match") <= 2  # once per direction
     assert states(b)["front"] in {"MASTER", "BACKUP"}
     assert b.proc is not None and b.proc.poll() is None
 
@@ -145,9 +194,15 @@ def test_a_replayed_connection_is_refused_and_installs_nothing(env: LabEnv) -> N
     CONFIRM wrong. Both refuse before any frame, and the real pair is not disturbed."""
     a, b = start_synced_pair(env)
     recorded = env.tmp / "recorded.bin"
+    b_connects = b.ctl("sync")["connects"]
     got = env.python("lbb", "tests.netns.sync_replay", "record", LB_SYNC["lba"], "7411",
                      "--key-file", str(env.tmp / "sync.key"), "--out", str(recorded))
     assert got["applied"] >= 1  # the genuine connection's record was applied ...
+    # The recording connection, genuine, replaced lbb's real one on lba (the newest wins):
+    # lbb reconnects once. Wait for that before counting what the replays disturb.
+    wait_until(lambda: b.ctl("sync")["connects"] == b_connects + 1
+               and a.ctl("sync")["connected"] and b.ctl("sync")["connected"],
+               timeout=10, what="lbb to reconnect after the recording")
     before = a.ctl("sync")
     assert before["skipped"].get("unknown_service", 0) >= 1  # ... and changed no table
     sessions = len(a.ctl("sessions"))

@@ -4,7 +4,9 @@ Both nodes forward (a new-connection load on both VIPs) when lba's sync interfac
 for 10 s; VRRP runs on the client and server interfaces and must not move. Connections opened
 during the cut (held connections and streams, through both VIPs) exist only on their owner
 until the link heals; then both tables agree again, and after a SIGKILL of lba every one of
-them still answers through lbb, the streams in order.
+them still answers through lbb, the streams in order. New connections to lbb's VIP during the
+cut work once lba has given up on lbb's silent stream (``peer_timeout``): lba forwards their
+replies from the one virtual server of lbb that has their server.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import pytest
 
 from lab.topology import CLIENTS, VIP, VIP_B, wait_until
 from tests.netns.harness import LabEnv, Lbd
-from tests.netns.helpers import Holder, result, spawn_lab
+from tests.netns.helpers import Holder, result, scrape, spawn_lab
 from tests.netns.test_active_active import ALL_MASTER, OWN, URL, start_aa, states, wait_states
 
 pytestmark = pytest.mark.topology(pair=True)
@@ -86,6 +88,16 @@ def test_a_healed_partition_agrees_and_survives_a_kill(env: LabEnv, how: str) ->
         held["a"] = keys(holders["a"], "c1", VIP)
         wait_until(lambda: held["a"] <= long_lived(a), timeout=5,
                    what="the held connections' sessions on lba")
+        # lba hears nothing from lbb for [sync] peer_timeout (5 s) and drops that connection:
+        # from then on a reply of a flow lbb opened (new connections to VIP B, whose records
+        # cannot come) is forwarded from VIP B by lba, the gateway holder, and copied there.
+        wait_until(lambda: not a.ctl("sync")["inbound"], timeout=8,
+                   what="lba to drop lbb's silent connection")
+        r = env.client("c2", "load", URL["b"], "--rate", "20", "--duration", "2",
+                       "--timeout", "3")
+        inferred = scrape(env, "lba").get(("lbd_replies_inferred_total", ()), 0)
+        print(f"load on VIP B during the cut: {r}; replies inferred on lba: {inferred}")
+        assert r["failed"] == {} and r["ok"] > 0 and inferred >= r["ok"], r
         # The cut lasts CUT_SECONDS, VRRP (client and server sides) never moves, and lbb
         # learns nothing of what lba opens meanwhile.
         while time.monotonic() - cut_at < CUT_SECONDS:

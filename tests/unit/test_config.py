@@ -237,6 +237,12 @@ DEFAULTS = [
     ("virtual_servers.web.persistence", "none"),
     ("virtual_servers.web.persistence_timeout", 300.0),
     ("virtual_servers.web.persistence_netmask", 32),
+    ("virtual_servers.web.max_conns_per_source", 10_000),
+    ("virtual_servers.web.max_conn_rate_per_source", 1_000),
+    ("virtual_servers.web.conn_rate_period", 1.0),
+    ("virtual_servers.dns.max_conns_per_source", 0),  # udp: unlimited unless set
+    ("virtual_servers.dns.max_conn_rate_per_source", 0),
+    ("sessions.max_tracked_sources", 0),
     ("pools.web.on_server_down", "keep"),
     ("pools.web.slow_start", 0.0),
     ("pools.dns.health_check", None),
@@ -286,11 +292,22 @@ VALUES: list[tuple[str, dict[str, Any], str, object]] = [
         Endpoint("0.0.0.0", 9100),
     ),
     ("sync endpoints", {}, "sync.peer", Endpoint("198.19.0.3", 7411)),
+    ("sync peer_timeout default", {}, "sync.peer_timeout", 5.0),
+    ("sync peer_timeout", {"sync__peer_timeout": "2s"}, "sync.peer_timeout", 2.0),
     ("duration in minutes", {"sessions__udp_timeout": "1.5m"}, "sessions.udp_timeout", 90.0),
     ("snapshots every 500ms", {"sessions__snapshot_interval": "500ms"},
      "sessions.snapshot_interval", 0.5),
     ("snapshots disabled", {"sessions__snapshot_interval": "0s"}, "sessions.snapshot_interval",
      0.0),
+    ("no concurrent limit per source", {"virtual_servers__web__max_conns_per_source": 0},
+     "virtual_servers.web.max_conns_per_source", 0),
+    ("a rate per 10s", {"virtual_servers__web__max_conn_rate_per_source": 20,
+                        "virtual_servers__web__conn_rate_period": "10s"},
+     "virtual_servers.web.conn_rate_period", 10.0),
+    ("a udp virtual server's limit when set", {"virtual_servers__dns__max_conns_per_source": 9},
+     "virtual_servers.dns.max_conns_per_source", 9),
+    ("sources tracked", {"sessions__max_tracked_sources": 5000},
+     "sessions.max_tracked_sources", 5000),
     (
         "address without prefix is /32",
         {},
@@ -393,6 +410,38 @@ def test_config_objects_are_frozen() -> None:
 
 ERRORS: list[tuple[str, dict[str, Any], str]] = [
     (
+        "negative concurrent limit per source",
+        {"virtual_servers__web__max_conns_per_source": -1},
+        "virtual_servers.web.max_conns_per_source: must be between 0 and 2147483648, got -1",
+    ),
+    (
+        "rate limit per source not an integer",
+        {"virtual_servers__web__max_conn_rate_per_source": 2.5},
+        "virtual_servers.web.max_conn_rate_per_source: expected an integer, got float 2.5",
+    ),
+    (
+        "rate period zero",
+        {"virtual_servers__web__conn_rate_period": "0s"},
+        'virtual_servers.web.conn_rate_period: must be greater than 0, got "0s"',
+    ),
+    (
+        "rate period without a unit",
+        {"virtual_servers__web__conn_rate_period": 10},
+        'virtual_servers.web.conn_rate_period: expected a duration string with a unit such as '
+        '"2s" or "100ms", got integer 10',
+    ),
+    (
+        "no sources tracked",
+        {"sessions__max_tracked_sources": 0},
+        "sessions.max_tracked_sources: must be >= 1, got 0",
+    ),
+    (
+        "misspelt per-source key",
+        {"virtual_servers__web__max_conn_per_source": 5},
+        "virtual_servers.web.max_conn_per_source: unknown key 'max_conn_per_source' "
+        "(did you mean 'max_conns_per_source'?)",
+    ),
+    (
         "rps_cpus not a mask",
         {"dataplane__rps_cpus": "cpu0"},
         'dataplane.rps_cpus: must be "all", "off" or a hex CPU mask like "3", got "cpu0"',
@@ -437,6 +486,9 @@ ERRORS: list[tuple[str, dict[str, Any], str]] = [
         "vrrp.instances.back.vrid: required key missing",
     ),
     ("missing sync key_file", {"sync__key_file": _DELETE}, "sync.key_file: required key missing"),
+    ("sync peer_timeout too short", {"sync__peer_timeout": "800ms"},
+     "sync.peer_timeout: 0.8 s is less than 1s: a live connection, with a heartbeat every "
+     "0.5 s, would be dropped"),
     ("empty servers", {"pools__dns__servers": []}, "pools.dns.servers: must not be empty"),
     (
         "empty vrrp addresses",
@@ -1002,6 +1054,17 @@ def test_service_digest_follows_services_not_timeouts() -> None:
     vs = dataclasses.replace(base.virtual_servers[0], port=81)
     moved = dataclasses.replace(base, virtual_servers=(vs, *base.virtual_servers[1:]))
     assert base.service_digest() != moved.service_digest()
+
+
+def test_per_source_limits_leave_the_service_digest_as_it_was() -> None:
+    """Limits say nothing about the sessions a node holds: a pair with other limits still
+    matches, and a table snapshot written before the limits existed still loads."""
+    base = parse_config(tomllib.loads(BASE), SOURCE)
+    assert base.service_digest().hex() == "deb5e9f472ba53107752159f9fa9463a"  # as before them
+    vs = dataclasses.replace(base.virtual_servers[0], max_conns_per_source=3,
+                             max_conn_rate_per_source=0, conn_rate_period=9.0)
+    other = dataclasses.replace(base, virtual_servers=(vs, *base.virtual_servers[1:]))
+    assert other.service_digest() == base.service_digest()
 
 
 @pytest.mark.parametrize(("old", "new", "needs_restart"), [

@@ -53,9 +53,11 @@ T0 = 1000.0
 
 def make_config(*, scheduler: str = "rr", persistence: str = "none", netmask: int = 32,
                 servers: Sequence[str] = (S1, S2), backups: Sequence[str] = (),
-                max_sessions: int = 1000, alt_port: int | None = None) -> Config:
+                max_sessions: int = 1000, alt_port: int | None = None,
+                limits: Mapping[str, Any] | None = None) -> Config:
     """web: VIP:80/tcp → servers:8080; dns: VIP:53/udp → servers:5353 (rr); with
-    ``alt_port``, also alt: VIP:alt_port/tcp → the web pool."""
+    ``alt_port``, also alt: VIP:alt_port/tcp → the web pool. ``limits``: per-source keys
+    given to every virtual server (else the defaults)."""
     def pool(port: int) -> list[dict[str, Any]]:
         return ([{"address": a, "port": port} for a in servers]
                 + [{"address": a, "port": port, "backup": True} for a in backups])
@@ -70,6 +72,8 @@ def make_config(*, scheduler: str = "rr", persistence: str = "none", netmask: in
     if alt_port is not None:
         virtual_servers["alt"] = {"address": VIP, "port": alt_port, "pool": "web",
                                   "scheduler": "rr"}
+    for vs in virtual_servers.values():
+        vs.update(limits or {})
     return parse_config({
         "node": {"name": "test", "control_socket": "/run/lbd-test/control.sock"},
         "dataplane": {"client_interface": "eth0", "server_interface": "eth1"},
@@ -242,6 +246,17 @@ class Case:
     counters: Mapping[str, int] = field(default_factory=dict)
     config: Callable[[], Config] = make_config
     check: Action | None = None  # further assertions on the world at the end
+
+
+def limited(scheduler: str = "rr", **limits: Any) -> Callable[[], Config]:
+    return lambda: make_config(scheduler=scheduler,
+                               limits={"max_conns_per_source": 0,
+                                       "max_conn_rate_per_source": 0, **limits})
+
+
+def forwarded(packet: Packet) -> Step:
+    """Forwarded to a server the case does not name (a consistent scheduler's pick)."""
+    return Step(frame(packet), FORWARD)
 
 
 def sessions_in(n: int) -> Action:
@@ -510,6 +525,41 @@ CASES: list[Case] = [
          (fwd(partial(DNS_Q, CLIENT, VIP), partial(DNS_Q_TO_S1, CLIENT, S1), PARTIAL_UDP_VNET),
           fwd(partial(DNS_R_FROM_S1, S1, CLIENT), partial(DNS_R_FROM_VIP, VIP, CLIENT),
               PARTIAL_UDP_VNET))),
+    # --- per-source limits (every step is one second after the one before) ------------------
+    Case("a source at its concurrent limit: its next SYN is dropped, not answered; another "
+         "source's goes through",
+         (fwd(syn_from(CLIENT, 40000), syn_to(CLIENT, 40000, S1)),
+          fwd(syn_from(CLIENT, 40001), syn_to(CLIENT, 40001, S2)),
+          drop(syn_from(CLIENT, 40002)),  # (after rr's pick: S1's turn went by)
+          fwd(syn_from(NEIGHBOUR, 40000), syn_to(NEIGHBOUR, 40000, S2))),
+         drops={"source_conn_limit": 1}, counters={"resets_sent": 0},
+         config=limited(max_conns_per_source=2), check=sessions_in(3)),
+    Case("a session that closes no longer counts: the source's next SYN is taken",
+         (fwd(syn_from(CLIENT, 40000), syn_to(CLIENT, 40000, S1)),
+          fwd(ACK, ACK_TO_S1),
+          fwd(tcp(CLIENT, VIP, 40000, 80, "R"), tcp(CLIENT, S1, 40000, HTTP, "R")),
+          fwd(syn_from(CLIENT, 40001), syn_to(CLIENT, 40001, S2))),
+         config=limited(max_conns_per_source=1), check=sessions_in(2)),
+    Case("a burst of the rate limit passes, then one SYN per refill (2 per 10 s: 0.2/s)",
+         tuple([fwd(syn_from(CLIENT, 40000), syn_to(CLIENT, 40000, S1)),
+                fwd(syn_from(CLIENT, 40001), syn_to(CLIENT, 40001, S2))]
+               + [drop(syn_from(CLIENT, 40002 + i)) for i in range(3)]
+               + [fwd(syn_from(CLIENT, 40005), syn_to(CLIENT, 40005, S2))]),
+         drops={"source_rate_limit": 3},
+         config=limited(max_conn_rate_per_source=2, conn_rate_period="10s"),
+         check=sessions_in(3)),
+    Case("a UDP flow's first packet counts; its next ones pay nothing",
+         (fwd(DNS_Q, DNS_Q_TO_S1),
+          drop(udp(CLIENT, VIP, 33001, 53, b"query")),
+          fwd(DNS_Q, DNS_Q_TO_S1)),
+         drops={"source_conn_limit": 1}, config=limited(max_conns_per_source=1),
+         check=sessions_in(1)),
+    Case("a flow picked up mid-stream is an existing connection: not limited, not counted",
+         (forwarded(syn_from(CLIENT, 40000)),
+          forwarded(tcp(CLIENT, VIP, 40001, 80, "A")),
+          drop(syn_from(CLIENT, 40002))),
+         drops={"source_conn_limit": 1}, counters={"picked_up": 1},
+         config=limited("maglev", max_conns_per_source=1), check=sessions_in(2)),
 ]
 
 
@@ -739,6 +789,25 @@ def test_forwarded_packets_have_valid_checksums(cport: int, seq: int, payload: b
     back = IP(bytes(buf[pk.VNET_HDR_LEN:]))
     assert (back.src, back.dst, back.sport, back.dport) == (VIP, caddr, vport, cport)
     assert_checksums_valid(bytes(buf[pk.VNET_HDR_LEN:]))
+
+
+def test_a_refused_syn_changes_no_table_and_takes_no_token() -> None:
+    w = make_world(limited(max_conns_per_source=1, max_conn_rate_per_source=5)())
+    _refused_changes_nothing(w, [fwd(syn_from(CLIENT, 40000), syn_to(CLIENT, 40000, S1))],
+                             drop(syn_from(CLIENT, 40001)))
+    (entry,) = [s.source for s in w.sessions]
+    assert entry is not None and entry.conns == 1 and entry.tokens == 4.0
+
+
+def test_new_limits_apply_from_the_next_syn_after_a_reload() -> None:
+    w = make_world(limited(max_conns_per_source=1)())
+    run_steps(w, [fwd(syn_from(CLIENT, 40000), syn_to(CLIENT, 40000, S1)),
+                  drop(syn_from(CLIENT, 40001))])
+    services = build_services(limited(max_conns_per_source=2)(), previous=w.services)
+    w.fwd.set_services(services)
+    run_steps(w, [fwd(syn_from(CLIENT, 40001), syn_to(CLIENT, 40001, S1))])  # a new rr
+    off = build_services(limited()(), previous=services)
+    assert all(svc.source_limits is None for svc in off.services)
 
 
 def test_every_drop_reason_is_declared_so_metrics_show_it_from_zero() -> None:

@@ -160,6 +160,11 @@ def test_exposition_parses_and_follows_conventions(world: World) -> None:
         ("lbd_drops_total", {"reason": "no_session"}, 1),
         ("lbd_drops_total", {"reason": "no_service"}, 1),
         ("lbd_drops_total", {"reason": "exception"}, 0),
+        ("lbd_drops_total", {"reason": "source_conn_limit"}, 0),
+        ("lbd_drops_total", {"reason": "source_rate_limit"}, 0),
+        ("lbd_sources_tracked", {}, 1),  # the one client, under the default limits
+        ("lbd_sources_untracked_total", {}, 0),
+        ("lbd_sources_evicted_total", {}, 0),
         ("lbd_resets_sent_total", {}, 1),
         ("lbd_icmp_echo_replies_total", {}, 1),
         ("lbd_session_table_size", {}, 1),

@@ -149,3 +149,29 @@ def test_refused_commands(tmp_path: Path, command: str, args: list[str], error: 
 
     with pytest.raises(CommandError, match=error):
         asyncio.run(main())
+
+
+def test_a_reload_applies_new_per_source_limits_and_status_shows_them(tmp_path: Path) -> None:
+    node = make_node(tmp_path)
+    web = node.status()["virtual_servers"]["web"]
+    assert web["source_limits"] == {"max_conns_per_source": 10000,
+                                    "max_conn_rate_per_source": 1000, "conn_rate_period": 1.0}
+    limits = node.status()["source_limits"]
+    assert limits == {"tracked": 0, "idle": 0, "capacity": 1048576 // 4,
+                      "conn_limit_drops": 0, "rate_limit_drops": 0, "untracked": 0,
+                      "evicted": 0}
+    path = tmp_path / "lbd.toml"
+    path.write_text(path.read_text().replace(
+        'scheduler = "maglev"',
+        'scheduler = "maglev"\nmax_conns_per_source = 3\nmax_conn_rate_per_source = 0'))
+
+    async def main() -> None:
+        assert await node.reload() == []
+        if node.monitor is not None:
+            await node.monitor.stop()
+
+    asyncio.run(main())
+    assert node.status()["virtual_servers"]["web"]["source_limits"] == {
+        "max_conns_per_source": 3, "max_conn_rate_per_source": 0, "conn_rate_period": 1.0}
+    (svc,) = node.services.services
+    assert svc.source_limits is not None and svc.source_limits.max_conns == 3

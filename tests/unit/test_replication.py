@@ -344,6 +344,38 @@ def test_a_held_reply_whose_record_never_comes_is_dropped_and_counted() -> None:
     assert p.a.fwd.drops == {"reply_hold_timeout": 1} and len(p.a.fwd.hold or []) == 0
 
 
+def test_with_the_peers_stream_down_a_reply_of_its_flow_is_forwarded_and_copied() -> None:
+    """The sync link is cut: B's record of a new flow on VIP B cannot reach A, the gateway
+    holder. The server's SYN-ACK is forwarded at once from VIP B (the one virtual server B
+    masters that has this server) and A keeps a copy; B's next snapshot replaces it."""
+    p = Pair()
+    p.a.fwd.peer_streaming = lambda: False
+    server = to_server(p.b, VIP_B, 40011)
+    p.b.rep.pending.clear()  # lost with the link
+    verdict, out = p.a.packet(reply(server, C1, 40011, "SA"))
+    sent = IP(out)
+    assert verdict == FORWARD and sent.src == VIP_B and sent[TCP].sport == 80
+    assert p.a.fwd.replies_inferred == 1 and len(p.a.fwd.hold or []) == 0
+    assert p.a.table()[(VIP_B, 40011)] == (ip_to_int(server), int(TcpState.SYN_RECV))
+    verdict, _ = p.a.packet(reply(server, C1, 40011, "A"))  # the copy serves the next one
+    assert verdict == FORWARD and p.a.fwd.replies_inferred == 1
+    p.a.fwd.peer_streaming = lambda: True  # healed: B's snapshot carries the real session
+    p.ba.deliver([r for chunk in p.b.rep.snapshot() for r in chunk])
+    assert p.a.table()[(VIP_B, 40011)] == p.b.table()[(VIP_B, 40011)]
+
+
+def test_with_the_peers_stream_down_a_reply_of_an_ambiguous_server_is_not_guessed() -> None:
+    """A masters neither VIP (only the gateway): both virtual servers have S1:8080, so which
+    VIP a reply of S1 should come from is unknown — held (and dropped when no record
+    comes), never sent from a guessed address."""
+    p = Pair()
+    p.a.master("gw")
+    p.a.fwd.peer_streaming = lambda: False
+    verdict, _ = p.a.packet(reply(S1, C1, 40012, "SA"))
+    assert verdict == DROP and p.a.fwd.replies_inferred == 0
+    assert p.a.fwd.replies_ambiguous == 1 and len(p.a.sessions) == 0
+
+
 # ---- snapshots and takeover -----------------------------------------------------------------
 
 

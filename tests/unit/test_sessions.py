@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import random
 import tracemalloc
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
@@ -31,6 +32,7 @@ from lb.sessions import (
     TcpState,
     flow_key,
 )
+from lb.source_limits import SourceEntry, SourceLimits, source_key
 
 TCP, UDP = IPPROTO_TCP, IPPROTO_UDP
 SYNACK = TCP_SYN | TCP_ACK
@@ -577,7 +579,9 @@ class SessionModel(RuleBasedStateMachine):
 
     Checked: no session is removed before its deadline; after each sweep at ``now`` no live
     session has a deadline ``<= now`` (so with a sweep every tick nothing lives past deadline
-    + tick); server.active matches the table; the observer saw each mutation exactly once.
+    + tick); server.active matches the table; the observer saw each mutation exactly once;
+    every per-source count equals the open sessions that hold it, however sessions left
+    (expiry, reset, reuse, half-open eviction, a close), so each was given back exactly once.
     """
 
     TICK = 0.1
@@ -590,6 +594,8 @@ class SessionModel(RuleBasedStateMachine):
                                                      max_half_open=6)
         self.servers = servers(3)
         self.changes = 0
+        self.limits = SourceLimits(max_conns=8, max_rate=1000)
+        self.counted: set[int] = set()  # ids of the entries handed to create()
 
     # observer: check "never early" at the moment of removal, then record
     def session_added(self, s: Session[str]) -> None:
@@ -602,6 +608,7 @@ class SessionModel(RuleBasedStateMachine):
     def session_removed(self, s: Session[str], reason: str) -> None:
         if reason == "expired":
             assert self.table.deadline(s) <= self.now
+        assert s.source is None  # its count was given back before anyone hears of it
         self.rec.session_removed(s, reason)
 
     @rule(
@@ -618,7 +625,11 @@ class SessionModel(RuleBasedStateMachine):
             s = None
         if s is None:
             before = (len(t), t.full_drops, t.half_open, t.half_open_evictions)
-            s = t.create(proto, CLIENT, cport, VIP, 80, self.servers[server], SVC, flags, self.now)
+            source = t.sources.admit(source_key(1, cport % 3), self.limits, self.now)
+            if isinstance(source, str):  # the source's limit: no session
+                return
+            s = t.create(proto, CLIENT, cport, VIP, 80, self.servers[server], SVC, flags,
+                         self.now, source=source)
             if s is None:  # a full table, and no half-open session a SYN could replace
                 assert before[0] == 40
                 assert not (proto == TCP and flags & TCP_SYN and before[2])
@@ -670,6 +681,17 @@ class SessionModel(RuleBasedStateMachine):
         assert t.half_open == sum(1 for s in t if s.tcp_state is TcpState.SYN_RECV) <= 6
         assert t.half_open_evictions == sum(1 for e in self.rec.events
                                             if e[2] == "half_open_evicted")
+        holders: dict[int, list[Session[str]]] = {}
+        for s in t:
+            if s.source is not None:
+                assert not t.is_closing(s)  # a closing session no longer counts
+                holders.setdefault(s.source.key, []).append(s)
+        for key, held in holders.items():
+            entry = t.sources.get(key)
+            assert isinstance(entry, SourceEntry)
+            assert all(s.source is entry for s in held)
+            assert entry.conns == len(held) <= self.limits.max_conns
+        assert len(t.sources) - t.sources.idle == len(holders)  # no count left behind
 
 
 SessionModel.TestCase.settings = settings(max_examples=150, stateful_step_count=60, deadline=None)
@@ -707,3 +729,90 @@ def test_memory_per_session_with_a_million_sessions() -> None:
     per_session = used / n
     print(f"\n{per_session:.1f} bytes per session with {n} sessions")
     assert per_session <= 400
+
+
+# --- per-source counts ---------------------------------------------------------------------
+
+LIMITS = SourceLimits(max_conns=10)
+KEY = source_key(1, CLIENT)
+
+
+def _counted(t: SessionTable[str], srv: RealServer, cport: int, now: float = 0.0,
+             flags: int = TCP_SYN) -> Session[str]:
+    source = t.sources.admit(KEY, LIMITS, now)
+    assert isinstance(source, SourceEntry)
+    s = t.create(TCP, CLIENT, cport, VIP, 80, srv, SVC, flags, now, source=source)
+    assert s is not None
+    return s
+
+
+def _out_by_expiry(t: SessionTable[str], s: Session[str]) -> None:
+    t.expire(t.deadline(s) + 1, budget=10**6)
+
+
+def _out_by_rst(t: SessionTable[str], s: Session[str]) -> None:
+    t.seen_forward(s, TCP_ACK, 0.5)  # (a client's RST in SYN_RECV leaves it there, as IPVS)
+    t.seen_forward(s, TCP_RST, 1.0)
+
+
+def _out_by_fin(t: SessionTable[str], s: Session[str]) -> None:
+    t.seen_forward(s, TCP_ACK, 0.5)
+    t.seen_reply(s, FINACK, 1.0)
+
+
+def _out_by_server_rst(t: SessionTable[str], s: Session[str]) -> None:
+    t.seen_reply(s, RSTACK, 1.0)
+
+
+def _out_by_eviction(t: SessionTable[str], s: Session[str]) -> None:
+    for port in range(2, 6):  # max_half_open is 2 below: the oldest (s) goes first
+        t.create(TCP, CLIENT + 1, port, VIP, 80, s.server, SVC, TCP_SYN, 1.0)
+
+
+def _out_by_remove(t: SessionTable[str], s: Session[str]) -> None:
+    t.remove(s, "killed", 1.0)  # lbctl kill-sessions, reset on server down, reuse
+    t.remove(s, "killed", 1.0)  # idempotent: nothing given back twice
+
+
+def _out_by_peer_sweep(t: SessionTable[str], s: Session[str]) -> None:
+    t.remove(s, "peer", 1.0)  # a peer's snapshot that did not carry it
+
+
+@pytest.mark.parametrize("leave", [_out_by_expiry, _out_by_rst, _out_by_fin,
+                                   _out_by_server_rst, _out_by_eviction, _out_by_remove,
+                                   _out_by_peer_sweep],
+                         ids=lambda f: f.__name__.removeprefix("_out_by_"))
+def test_a_session_gives_its_source_count_back_once_however_it_goes(
+        leave: Callable[[SessionTable[str], Session[str]], None]) -> None:
+    t: SessionTable[str] = SessionTable(SessionTimeouts(), 100, max_half_open=2)
+    srv = servers(1)[0]
+    keep = _counted(t, srv, 1)
+    t.seen_forward(keep, TCP_ACK, 0.0)  # established: stays through what happens to s
+    s = _counted(t, srv, 2)
+    entry = t.sources.get(KEY)
+    assert entry is not None and entry.conns == 2
+    leave(t, s)
+    assert s.source is None and keep.source is entry
+    assert entry.conns == 1
+    t.remove(s, "again", 2.0)
+    t.remove(keep, "done", 2.0)
+    assert entry.conns == 0 and t.sources.get(KEY) is None  # forgotten: nothing to recall
+
+
+def test_copies_from_the_peer_and_pick_ups_do_not_count() -> None:
+    t: SessionTable[str] = SessionTable(SessionTimeouts(), 100)
+    srv = servers(1)[0]
+    copy = t.install(TCP, CLIENT, 1, VIP, 80, srv, SVC, int(TcpState.ESTABLISHED), 0.0, 0.0)
+    assert copy is not None and copy.source is None
+    picked = _counted(t, srv, 2, flags=FINACK)  # mid-stream with a FIN: not an open session
+    assert picked.source is None and len(t.sources) == 0
+
+
+def test_a_refused_create_gives_the_count_back() -> None:
+    t: SessionTable[str] = SessionTable(SessionTimeouts(), 1)
+    srv = servers(1)[0]
+    t.install(TCP, CLIENT, 9, VIP, 80, srv, SVC, int(TcpState.ESTABLISHED), 0.0, 0.0)
+    source = t.sources.admit(KEY, LIMITS, 0.0)
+    assert isinstance(source, SourceEntry)
+    assert t.create(TCP, CLIENT, 1, VIP, 80, srv, SVC, TCP_SYN, 0.0, source=source) is None
+    assert source.conns == 0 and t.sources.get(KEY) is None

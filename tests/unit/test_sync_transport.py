@@ -49,13 +49,13 @@ def _services() -> ServiceSet:
 
 
 def service(name: str, listen: int, peer: int, key: bytes = KEY,
-            digest: bytes = bytes(16)) -> SyncService:
+            digest: bytes = bytes(16), peer_timeout: float = 5.0) -> SyncService:
     services = _services()
     sessions: SessionTable[Service] = SessionTable(SessionTimeouts(), 100)
     persistence: PersistenceTable[Service] = PersistenceTable()
     rep = Replicator(sessions, persistence, lambda: services, time.monotonic)
     cfg = SyncConfig(listen=Endpoint(LOCAL, listen), peer=Endpoint(LOCAL, peer),
-                     key_file="/nonexistent")
+                     key_file="/nonexistent", peer_timeout=peer_timeout)
     svc = SyncService(cfg, key, name, rep, config_digest=digest)
     rep.wake = svc.kick
     return svc
@@ -156,6 +156,26 @@ def test_a_peer_with_another_key_is_refused_by_proof() -> None:
         finally:
             await stop(a, b)
     run(main)
+
+
+def test_a_wrong_key_is_logged_once_per_reason_and_retried_ever_more_slowly(
+        caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> None:
+        a, b = await pair(key=b"not the shared secret, another one")
+        try:
+            # a's outbound attempts: 0.5 s, then 1 s, then 2 s apart; b refuses each of them
+            await until(lambda: b.errors.get("handshake_proof", 0) >= 4, "four refusals",
+                        timeout=15)
+            assert a.retry_delay > 1.0 and b.retry_delay > 1.0
+        finally:
+            await stop(a, b)
+    with caplog.at_level(logging.DEBUG, "lbd.sync"):
+        run(main)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    debug = [r for r in caplog.records
+             if r.levelno == logging.DEBUG and "proof" in r.getMessage()]
+    # one line per node and direction (outbound to, inbound from), the rest at debug level
+    assert len(errors) <= 4 and debug, [r.getMessage() for r in errors]
 
 
 async def _talk(port: int, data: bytes) -> bytes:
@@ -282,4 +302,40 @@ def test_a_new_connection_from_the_peer_replaces_the_older_one() -> None:
             old.close()
         finally:
             await a.stop()
+    run(main)
+
+
+def test_a_silent_peer_is_dropped_on_both_connections_after_peer_timeout() -> None:
+    """A peer that passed its handshakes and then says nothing (power lost, link cut, TCP not
+    given up yet): both of a's connections to it end after ``peer_timeout``, and the copies
+    it kept alive are no longer held."""
+    async def main() -> None:
+        a_port, fake_port = free_port(), free_port()
+        silent: list[asyncio.StreamWriter] = []
+
+        async def answer_then_hush(reader: asyncio.StreamReader,
+                                   writer: asyncio.StreamWriter) -> None:
+            hs = Handshake(KEY, os.urandom(NONCE_SIZE), initiator=False)
+            while hs.result is None:
+                if out := hs.data_to_send():
+                    writer.write(out)
+                hs.feed(await reader.read(4096))
+            writer.write(hs.data_to_send())
+            silent.append(writer)  # and never another byte
+        fake = await asyncio.start_server(answer_then_hush, LOCAL, fake_port)
+        a = service("a", a_port, fake_port, peer_timeout=1.0)
+        await a.start()
+        try:
+            _, inbound, keys = await _genuine(a_port)
+            inbound.write(Encoder(keys.send).frame([Hello("x", 1)]))
+            await until(lambda: a.outbound_connected and a.inbound_connected and a.rep.holding,
+                        "both connections up")
+            await until(lambda: a.errors.get("peer_silent", 0) >= 2, "both to time out")
+            assert not a.inbound_connected and not a.rep.holding
+            inbound.close()
+        finally:
+            await a.stop()
+            fake.close()
+            for w in silent:
+                w.close()
     run(main)
