@@ -1,6 +1,7 @@
 """``python -m bench``: run the benchmarks, print one table of figures and ratios.
 
-    python -m bench [--only throughput,pps,cps,memory] [--systems lbd,kernel,haproxy,lbd-pure]
+    python -m bench [--only throughput,pps,cps,memory,failover,sync,syncnet,synflood]
+                    [--systems lbd,kernel,haproxy,lbd-pure]
                     [--duration 3] [--rounds 3] [--json PATH]
                     [--sessions 1000000] [--conns 32] [--streams 4]
 
@@ -30,10 +31,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from bench import failover, memory, netbench, syncrate, synflood
+from bench import failover, memory, netbench, syncnet, syncrate, synflood
 from bench.report import Check, Figure, as_json, table
 
-BENCHES = ("throughput", "pps", "cps", "memory", "failover", "sync", "synflood")
+BENCHES = ("throughput", "pps", "cps", "memory", "failover", "sync", "syncnet", "synflood")
 FLOOD_RATES = {"synflood_15k": 15000, "synflood_max": 0}
 SYSTEMS_ORDER = ("kernel", "haproxy", "lbd", "lbd-pure")
 DEFAULT_SYSTEMS = ("kernel", "haproxy", "lbd")  # lbd-pure: lbd with LBD_NATIVE=pure, on request
@@ -67,6 +68,24 @@ def make_figures(benches: Sequence[str], plan: netbench.Plan, sessions: int,
     if "sync" in benches:
         figs.append(Figure("sync_rate", "Sessions synced per second (encode, MAC, decode, "
                            "install; in-process)", "sess/s", True, (Check(None),)))
+    if "syncnet" in benches:
+        figs += [
+            Figure("syncnet_rate", "Sessions synced per second, two lbd nodes (SYN load "
+                   "through the master)", "sess/s", True, (Check(None, ">=", 20_000.0),)),
+            Figure("syncnet_p50", f"Change delay to the peer's ack, p50 "
+                   f"({syncnet.DELAY_RATE:,} new sessions/s)", "ms", False, (Check(None),)),
+            Figure("syncnet_p99", f"Change delay to the peer's ack, p99 "
+                   f"({syncnet.DELAY_RATE:,} new sessions/s)", "ms", False,
+                   (Check(None, "<=", 20.0),)),
+            Figure("syncnet_snap_100k", "Snapshot of 100,000 sessions to a starting backup",
+                   "s", False, (Check(None),)),
+            Figure("syncnet_snap_1m", "Snapshot of 1,000,000 sessions to a starting backup",
+                   "s", False, (Check(None, "<=", 10.0),)),
+            Figure("syncnet_bytes", "Sync bytes per session on the wire (snapshot)", "B",
+                   False, (Check(None),)),
+            Figure("syncnet_load", "Start holding 1,000,000 sessions: table snapshot load",
+                   "s", False, (Check(None),)),
+        ]
     if "synflood" in benches:
         for key, rate in FLOOD_RATES.items():
             figs.append(Figure(key, "Real clients' GETs through a spoofed SYN flood at "
@@ -134,7 +153,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGHUP, _terminate)
     plan = netbench.Plan(tuple(b for b in args.benches
-                               if b not in ("memory", "failover", "sync", "synflood")),
+                               if b not in ("memory", "failover", "sync", "syncnet",
+                                            "synflood")),
                          args.duration,
                          rounds=args.rounds, conns=args.conns, streams=args.streams)
     figures = make_figures(args.benches, plan, args.sessions, args.system_list)
@@ -158,6 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _failover(args.rounds, by_key["failover_30"], by_key["failover_gap_30"], "30ms")
         if "sync" in args.benches:
             _sync_rate(by_key["sync_rate"])
+        if "syncnet" in args.benches:
+            _syncnet(args.duration, [f for f in figures if f.key.startswith("syncnet_")])
     except KeyboardInterrupt:
         progress("interrupted: everything started was stopped and the namespaces deleted")
         return 130
@@ -250,6 +272,26 @@ def _sync_rate(fig: Figure) -> None:
         return
     fig.values["lbd"] = result.per_second
     fig.notes.append(f"{result.wire_bytes_per_session:.1f} bytes per session on the wire")
+
+
+def _syncnet(duration: float, figs: list[Figure]) -> None:
+    if os.geteuid() != 0:
+        for fig in figs:
+            fig.errors["lbd"] = "needs root"
+        return
+    try:
+        result = syncnet.measure(duration=max(duration, 5.0), progress=progress)
+    except (RuntimeError, OSError, subprocess.SubprocessError, TimeoutError,
+            AssertionError) as exc:
+        for fig in figs:
+            fig.errors["lbd"] = f"{exc.__class__.__name__}: {exc}"
+        return
+    for fig in figs:
+        if fig.key in result.values:
+            fig.values["lbd"] = result.values[fig.key]
+        else:
+            fig.errors["lbd"] = result.errors.get(fig.key, "not measured")
+    figs[0].notes.extend(result.notes)
 
 
 def _synflood(rounds: int, fig: Figure, rate: int) -> None:

@@ -75,6 +75,7 @@ SNAPSHOT_CHUNK: Final = 2000
 """Records per chunk of a snapshot (the transport writes one chunk at a time)."""
 
 _STATE_FLAGS: Final = TCP_FIN | TCP_RST
+_NONE: Final[frozenset[int]] = frozenset()
 
 
 class Replicator:
@@ -92,13 +93,17 @@ class Replicator:
         self.wake = wake  # called when ``pending`` stops being empty (the shell flushes later)
         self.connected = False  # the stream to the peer is up: queue records
         self.pending: list[Record] = []
+        self.pending_since = 0.0  # when the first of ``pending`` was queued (the clock's time)
+        self.snapshot_wanted = False  # send the peer a snapshot (the transport clears it)
         self.holding = False  # the peer's stream is up: copies are expired by their owner
         self._snap_sessions: set[int] | None = None  # forward keys a snapshot carried
         self._snap_bindings: set[tuple[int, int]] | None = None
         self._snap_instances: set[str] = set()  # instances a snapshot carried records of
         self.snapshot_done = False  # a complete snapshot from the peer was applied
         # Restored from disk, not yet confirmed by the peer or adopted (see the docstring).
-        self._provisional_s: set[int] = set()  # forward keys
+        # Forward keys by the instance of their virtual server: a takeover adopts one
+        # instance's in one step (10⁶ of them took 1.4 s one by one, at the takeover).
+        self._provisional_s: dict[str, set[int]] = {}
         self._provisional_b: set[tuple[int, int]] = set()  # (service key, client net)
         # counters
         self.records_received = 0
@@ -115,8 +120,8 @@ class Replicator:
     session_changed = session_added
 
     def session_removed(self, s: Session[Service], reason: str) -> None:
-        if self._provisional_s:
-            self._provisional_s.discard(s.fkey)
+        if self._provisional_s and (mine := self._provisional_s.get(s.service.owner)):
+            mine.discard(s.fkey)
         if self.connected and s.service.owned:
             self._push(SessionGone(s.proto, s.caddr, s.cport, s.vaddr, s.vport))
 
@@ -143,7 +148,13 @@ class Replicator:
     def _push(self, record: Record) -> None:
         self.pending.append(record)
         if len(self.pending) == 1:
+            self.pending_since = self.clock()
             self.wake()
+
+    @property
+    def in_snapshot(self) -> bool:
+        """Between a peer's SnapshotBegin and its SnapshotEnd."""
+        return self._snap_sessions is not None
 
     def take(self) -> list[Record]:
         """The records queued since the last call, in order."""
@@ -193,24 +204,32 @@ class Replicator:
         if not self.holding or entry.service.owned:
             return False
         if isinstance(entry, Session):
-            return entry.fkey not in self._provisional_s
+            return entry.fkey not in self._provisional_s.get(entry.service.owner, _NONE)
         return (entry.service.key, entry.client_net) not in self._provisional_b
 
     # ---- restored from disk -----------------------------------------------------------------
     def restored(self, sessions: Iterable[Session[Service]],
                  bindings: Iterable[Binding[Service]]) -> None:
         """These entries were installed from this node's snapshot on disk: provisional."""
-        self._provisional_s.update(s.fkey for s in sessions)
+        by_instance = self._provisional_s
+        for s in sessions:
+            owner = s.service.owner
+            if (keys := by_instance.get(owner)) is None:
+                keys = by_instance[owner] = set()
+            keys.add(s.fkey)
         self._provisional_b.update((b.service.key, b.client_net) for b in bindings)
 
     @property
     def provisional(self) -> tuple[int, int]:
         """Restored sessions and bindings not yet confirmed by the peer or adopted."""
-        return len(self._provisional_s), len(self._provisional_b)
+        return sum(map(len, self._provisional_s.values())), len(self._provisional_b)
 
     def adopted(self, instance: str, now: float) -> int:
         """This node took ``instance`` over: its provisional entries are this node's own now,
-        and the peer is sent them (it holds them as copies). Returns how many sessions."""
+        and the peer is sent them (it holds them as copies): as records, or, when there are
+        more than a snapshot chunk of them, as a snapshot (:attr:`snapshot_wanted`: the
+        transport sends it in the background, where 10⁶ records at once would stall the
+        loop). Returns how many sessions."""
         if not self._provisional_s and not self._provisional_b:
             return 0
         by_key = self.services().by_key
@@ -223,22 +242,22 @@ class Replicator:
             b = self.persistence.lookup(svc, key[1], now)
             if b is not None:
                 mine_b.append(b)
-        mine_s = []
-        for fkey in list(self._provisional_s):
-            s = self.sessions.lookup(fkey)
-            if s is None:
-                self._provisional_s.discard(fkey)
-            elif s.service.owner == instance:
-                self._provisional_s.discard(fkey)
-                mine_s.append(s)
-        if self.connected:
-            for b in mine_b:
-                if b.service.owned:
-                    self._push(self._binding_record(b))
-            for s in mine_s:
-                if s.service.owned:
-                    self._push(self._session_record(s))
-        return len(mine_s)
+        mine = self._provisional_s.pop(instance, set())  # removals kept it up to date
+        if not self.connected:
+            return len(mine)
+        if len(mine) + len(mine_b) > SNAPSHOT_CHUNK:
+            self.snapshot_wanted = True
+            self.wake()
+            return len(mine)
+        for b in mine_b:
+            if b.service.owned:
+                self._push(self._binding_record(b))
+        lookup = self.sessions.lookup
+        for fkey in mine:
+            s = lookup(fkey)
+            if s is not None and s.service.owned:
+                self._push(self._session_record(s))
+        return len(mine)
 
     # ---- inbound ----------------------------------------------------------------------------
     def apply(self, ev: Record, now: float) -> None:
@@ -301,7 +320,8 @@ class Replicator:
         if self._snap_sessions is not None:
             self._snap_sessions.add(fkey)
             self._snap_instances.add(svc.owner)
-        self._provisional_s.discard(fkey)
+        if self._provisional_s and (mine := self._provisional_s.get(svc.owner)):
+            mine.discard(fkey)
         binding = None
         if svc.persistence:
             binding = self.persistence.lookup(svc, ev.caddr & svc.persistence_mask, now)
@@ -335,7 +355,8 @@ class Replicator:
         # the peer masters that instance, and what it did not carry has ended there.
         keep_s, keep_b, peers = self._provisional_s, self._provisional_b, self._snap_instances
         stale = [s for s in self.sessions if not s.service.owned and s.fkey not in carried_s
-                 and (s.fkey not in keep_s or s.service.owner in peers)]
+                 and (s.fkey not in keep_s.get(s.service.owner, _NONE)
+                      or s.service.owner in peers)]
         for s in stale:
             self.sessions.remove(s, "resync", now)
         gone = [b for b in self.persistence
@@ -366,5 +387,5 @@ class Replicator:
                 "snapshots_received": self.snapshots_received,
                 "replies_reported": self.replies_reported, "late": self.late,
                 "peer_snapshot_done": self.snapshot_done, "skipped": dict(self.skipped),
-                "provisional": {"sessions": len(self._provisional_s),
-                                "bindings": len(self._provisional_b)}}
+                "provisional": {"sessions": self.provisional[0],
+                                "bindings": self.provisional[1]}}

@@ -41,13 +41,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 
 from ha.replication import Replicator
 from ha.sync_codec import (
@@ -61,6 +67,7 @@ from ha.sync_codec import (
     Hello,
     OperatorStateRecord,
     Record,
+    SnapshotBegin,
     SnapshotEnd,
     SnapshotRequest,
 )
@@ -76,6 +83,8 @@ RECONNECT_MAX = 8.0  # after refused handshakes the delay doubles up to this (a 
 HEARTBEAT = 0.5  # seconds between heartbeats on a connection we send on
 GATE_TIMEOUT = 5.0  # seconds a starting node waits for the peer's snapshot at most
 HANDSHAKE_TIMEOUT = 2.0  # seconds a connection may take for its whole handshake
+FREEZE_STEP = 50_000
+"""Records of a peer's snapshot applied between two ``gc.freeze()`` (see _inbound_session)."""
 
 HandshakeOutcome = Keys | HandshakeError | str
 """What :meth:`SyncService._handshake` ends with: the keys, why the peer was refused, or
@@ -134,6 +143,14 @@ class SyncService:
         self._refusals_logged: set[str] = set()
         self.lag = 0.0
         self.last_received = 0.0
+        self.bytes_sent = 0  # frames written on the outbound connection
+        self.bytes_received = 0  # bytes read on the inbound connection after its handshake
+        self._inbound_since = 0.0  # when the current inbound connection's handshake ended
+        self._snapshot_began = 0.0  # when the peer's last SnapshotBegin arrived
+        # The last snapshot applied from the peer: sessions, bindings, seconds from its begin
+        # record's arrival and from the inbound connection's handshake to its end being
+        # applied (None: none yet).
+        self.last_snapshot: dict[str, float] | None = None
 
     # ---- life cycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -207,31 +224,41 @@ class SyncService:
             "records_sent": self.records_sent, "snapshots_sent": self.snapshots_sent,
             "snapshot_requests_sent": self.snapshot_requests_sent,
             "snapshot_requests_received": self.snapshot_requests_received,
-            "errors": dict(self.errors), **self.rep.status(),
+            "errors": dict(self.errors), "bytes_sent": self.bytes_sent,
+            "bytes_received": self.bytes_received, "last_snapshot": self.last_snapshot,
+            "ack_delay": self._delay_summary(), **self.rep.status(),
         }
 
     # ---- outbound ---------------------------------------------------------------------------
     def kick(self) -> None:
         """The replicator queued records: flush them once this loop iteration is done."""
-        if not self._flush_scheduled and self.rep.pending:
+        if not self._flush_scheduled and (self.rep.pending or self.rep.snapshot_wanted):
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        if self.rep.snapshot_wanted:
+            self.rep.snapshot_wanted = False
+            self.send_snapshot()
+        queued_at = self.rep.pending_since
         records = self.rep.take()
         if records:
-            self._send(records)
+            self._send(records, queued_at=queued_at)
 
-    def _send(self, records: list[Record], *, snapshot: bool = False) -> None:
+    def _send(self, records: list[Record], *, snapshot: bool = False,
+              queued_at: float | None = None) -> None:
+        """Frame and write ``records``; ``queued_at``: they are changes, the first queued
+        then (their delay to the peer's acknowledgement is counted)."""
         writer, encoder = self._writer, self._encoder
         if writer is None or encoder is None:
             return
         data = encoder.frame(records)
         writer.write(data)
         self.records_sent += len(records)
+        self.bytes_sent += len(data)
         counted = sum(1 for r in records if not isinstance(r, Heartbeat))
-        self._window.sent(encoder.sequence, counted, self.clock(), len(data))
+        self._window.sent(encoder.sequence, counted, self.clock(), len(data), queued_at)
         if snapshot:
             self._backlog.snapshot_written(len(data))
         if self._backlog.over(self._window.unacked_bytes):
@@ -273,6 +300,11 @@ class SyncService:
                     await writer.drain()
                 except (ConnectionError, OSError):
                     return
+                # drain() returns at once, without yielding, while the transport is not
+                # paused, and the kernel's socket buffers take megabytes first: without
+                # this, the first ~400k sessions of a 10⁶ snapshot went out in one 1.4 s
+                # turn of the loop, and the backup saw the master's adverts stop.
+                await asyncio.sleep(0)
             self.snapshots_sent += 1
             if isinstance(end, SnapshotEnd):
                 log.info("sync: sent a snapshot of %d sessions and %d bindings",
@@ -406,7 +438,7 @@ class SyncService:
                     if isinstance(ev, HeartbeatAck):
                         self.lag = max(0.0, self.clock() - ev.sent_at_ms / 1000)
                     elif isinstance(ev, Applied):
-                        if not self._window.applied(ev.sequence):
+                        if not self._window.applied(ev.sequence, self.clock()):
                             self._count(self.errors, "applied_ahead")
                             log.error("sync: %s acknowledged frame %d, never sent: refused",
                                       self.cfg.peer, ev.sequence)
@@ -493,13 +525,16 @@ class SyncService:
             old.transport.abort()
             log.info("sync: a new connection from the peer replaces an older one")
         self._inbound[writer] = acks
+        self._inbound_since = self.clock()
         self.rep.holding = True
         hello = False
         acked = 0
+        freeze_at = self.rep.records_received + FREEZE_STEP
         try:
             while writer in self._inbound:
                 if data:
                     self.last_received = self.clock()
+                    self.bytes_received += len(data)
                     decoder.feed(data)
                 while writer in self._inbound and (ev := decoder.next_event()) is not None:
                     if isinstance(ev, DecodeError):
@@ -515,6 +550,14 @@ class SyncService:
                         self.on_operator_state(ev.state)
                     else:
                         self._apply(ev)
+                if self.rep.in_snapshot and self.rep.records_received >= freeze_at:
+                    # A snapshot of 10⁶ sessions builds 10⁶ long-lived objects here; each
+                    # full collection would rescan all of them (0.1-0.5 s with the GIL held,
+                    # more under load: a backup then missed adverts and took over). Moved
+                    # to the permanent generation in steps, they are freed by reference
+                    # counting as usual but never rescanned (as after the load at start).
+                    gc.freeze()
+                    freeze_at = self.rep.records_received + FREEZE_STEP
                 if writer in self._inbound and decoder.sequence > acked:
                     acked = decoder.sequence
                     writer.write(acks.frame([Applied(acked)]))
@@ -542,11 +585,24 @@ class SyncService:
     def _apply(self, ev: Record) -> None:
         done = self.rep.snapshot_done
         self.rep.apply(ev, self.clock())
-        if isinstance(ev, SnapshotEnd):
-            log.warning("sync: snapshot from the peer applied: %d sessions, %d bindings",
-                        ev.sessions, ev.bindings)
+        if isinstance(ev, SnapshotBegin):
+            self._snapshot_began = self.clock()
+        elif isinstance(ev, SnapshotEnd):
+            now = self.clock()
+            self.last_snapshot = {"sessions": ev.sessions, "bindings": ev.bindings,
+                                  "seconds": round(now - self._snapshot_began, 4),
+                                  "since_connect": round(now - self._inbound_since, 4)}
+            log.warning("sync: snapshot from the peer applied: %d sessions, %d bindings in "
+                        "%.2f s", ev.sessions, ev.bindings, now - self._snapshot_began)
             if not done:
                 self.on_snapshot()
+
+    def _delay_summary(self) -> dict[str, Any]:
+        d = self._window.delays
+        if not d.total:
+            return {"records": 0}
+        return {"records": d.total, "mean": round(d.sum / d.total, 6),
+                "p50": round(d.quantile(0.5), 6), "p99": round(d.quantile(0.99), 6)}
 
     @staticmethod
     def _count(counter: dict[str, int], key: str) -> None:
@@ -591,6 +647,26 @@ class SyncService:
         yield err
         yield CounterMetricFamily("lbd_sync_snapshots_received", "Snapshots applied",
                                   value=self.rep.snapshots_received)
+        wire = CounterMetricFamily("lbd_sync_bytes", "Sync stream bytes: written on the "
+                                   "outbound connection (sent), read on the inbound one "
+                                   "(received), handshakes left out", labels=["direction"])
+        wire.add_metric(["sent"], self.bytes_sent)
+        wire.add_metric(["received"], self.bytes_received)
+        yield wire
+        d = self._window.delays
+        delay = HistogramMetricFamily(
+            "lbd_sync_ack_delay_seconds", "Per change record sent to the peer: from when it "
+            "was queued to the arrival of the peer's acknowledgement that it was applied (an "
+            "upper bound of creation to installation on the peer); snapshots left out")
+        delay.add_metric([], [(_le(b), n) for b, n in d.cumulative()], d.sum)
+        yield delay
+        last = GaugeMetricFamily("lbd_sync_last_snapshot_seconds",
+                                 "Time the last snapshot from the peer took, from its first "
+                                 "record's arrival to its last one applied (absent before the "
+                                 "first)")
+        if self.last_snapshot is not None:
+            last.add_metric([], self.last_snapshot["seconds"])
+        yield last
         skipped = CounterMetricFamily("lbd_sync_records_skipped",
                                       "Received sync records not applied, by reason",
                                       labels=["reason"])
@@ -600,3 +676,8 @@ class SyncService:
         yield CounterMetricFamily("lbd_sync_replies_reported",
                                   "Replies of the peer's sessions reported to it (FIN, RST, "
                                   "refresh)", value=self.rep.replies_reported)
+
+
+def _le(bound: float) -> str:
+    """A bucket's ``le`` label as Prometheus writes it."""
+    return "+Inf" if bound == float("inf") else repr(bound)

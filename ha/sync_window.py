@@ -20,6 +20,14 @@ Rules:
   our write buffer, the kernel's socket buffers on both ends, the peer's queue — which is
   what :class:`Backlog` bounds (the write buffer alone says nothing until the kernel's
   buffers, several hundred kB, are full).
+- The delay of a change (:class:`DelayHistogram`): a write of changes may say when the first
+  of them was queued (``queued_at``); when the peer's acknowledgement covers it, every record
+  of the write is counted with the delay from then to the acknowledgement's arrival (the
+  caller's ``now``). Each record was created at or after ``queued_at`` and installed by the
+  peer before it sent the acknowledgement, so the delay is an upper bound of the time from a
+  session's creation on its owner to its installation on the peer (it adds the
+  acknowledgement's way back). Writes without ``queued_at`` (snapshots, hellos) count in no
+  delay: a snapshot is not a change, and its bulk waits in socket buffers by design.
 - The window belongs to one connection: it is :meth:`~AckWindow.clear`\\ ed when the
   connection ends. Nothing is resent from it on the next connection; a new connection always
   starts with a snapshot of the sender's instances, which supersedes every record the old one
@@ -29,13 +37,70 @@ Rules:
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
+
+DELAY_BUCKETS: tuple[float, ...] = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015,
+                                    0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+"""Upper bounds (seconds) of the change delay histogram's buckets; +Inf follows."""
+
+
+class DelayHistogram:
+    """Cumulative-by-bucket delays, as Prometheus histograms want them (pure)."""
+
+    def __init__(self, buckets: Sequence[float] = DELAY_BUCKETS) -> None:
+        self.buckets = tuple(buckets)
+        self.counts = [0] * (len(self.buckets) + 1)  # per bucket, not cumulative; last: +Inf
+        self.total = 0
+        self.sum = 0.0
+
+    def observe(self, delay: float, weight: int = 1) -> None:
+        """``weight`` records waited ``delay`` seconds each."""
+        i = 0
+        for bound in self.buckets:
+            if delay <= bound:
+                break
+            i += 1
+        self.counts[i] += weight
+        self.total += weight
+        self.sum += delay * weight
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        """(upper bound, records at or below it), the last bound ``inf``."""
+        out, acc = [], 0
+        for bound, n in zip((*self.buckets, float("inf")), self.counts, strict=True):
+            acc += n
+            out.append((bound, acc))
+        return out
+
+    def quantile(self, q: float) -> float:
+        """The ``q`` quantile, interpolated within its bucket as PromQL's
+        ``histogram_quantile`` does (NaN when empty; the highest finite bound when it falls in
+        +Inf)."""
+        return quantile(self.cumulative(), q)
+
+
+def quantile(cumulative: Sequence[tuple[float, int | float]], q: float) -> float:
+    """``histogram_quantile`` over (upper bound, cumulative count) pairs ending with +Inf."""
+    if not cumulative or cumulative[-1][1] <= 0:
+        return float("nan")
+    rank = q * cumulative[-1][1]
+    lower, below = 0.0, 0.0
+    for bound, acc in cumulative:
+        if acc >= rank:
+            if bound == float("inf"):
+                return lower
+            inside = acc - below
+            return lower + (bound - lower) * ((rank - below) / inside if inside else 1.0)
+        lower, below = bound, acc
+    return lower
 
 
 class AckWindow:
     """Writes sent on one connection and not yet acknowledged by the peer."""
 
     def __init__(self) -> None:
-        self._entries: deque[tuple[int, int, float]] = deque()  # (last seq, records, sent at)
+        # (last seq, records, sent at, queued at or None)
+        self._entries: deque[tuple[int, int, float, float | None]] = deque()
         self._unacked = 0
         self._bytes: deque[tuple[int, int]] = deque()  # (last seq, bytes) of every write
         self._unacked_bytes = 0
@@ -43,6 +108,8 @@ class AckWindow:
         """Sequence number of the last frame written."""
         self.acked_sequence = 0
         """Highest sequence number the peer acknowledged."""
+        self.delays = DelayHistogram()
+        """Delays of acknowledged changes; kept across connections (a metric)."""
 
     @property
     def unacked(self) -> int:
@@ -60,20 +127,23 @@ class AckWindow:
             return 0.0
         return max(0.0, now - self._entries[0][2])
 
-    def sent(self, sequence: int, records: int, now: float, nbytes: int = 0) -> None:
+    def sent(self, sequence: int, records: int, now: float, nbytes: int = 0,
+             queued_at: float | None = None) -> None:
         """Frames up to ``sequence`` were written, carrying ``records`` counted records in
-        ``nbytes`` bytes."""
+        ``nbytes`` bytes; ``queued_at``: when the first of these changes was queued (None:
+        not changes, no delay is counted)."""
         self.sent_sequence = max(self.sent_sequence, sequence)
         if nbytes > 0:
             self._bytes.append((sequence, nbytes))
             self._unacked_bytes += nbytes
         if records > 0:
-            self._entries.append((sequence, records, now))
+            self._entries.append((sequence, records, now, queued_at))
             self._unacked += records
 
-    def applied(self, sequence: int) -> bool:
-        """The peer applied every frame up to ``sequence``. False: it acknowledges a frame
-        that was never sent (nothing changes)."""
+    def applied(self, sequence: int, now: float | None = None) -> bool:
+        """The peer applied every frame up to ``sequence``; ``now``: when its acknowledgement
+        arrived (None: count no delays). False: it acknowledges a frame that was never sent
+        (nothing changes)."""
         if sequence > self.sent_sequence:
             return False
         if sequence <= self.acked_sequence:
@@ -81,7 +151,10 @@ class AckWindow:
         self.acked_sequence = sequence
         entries = self._entries
         while entries and entries[0][0] <= sequence:
-            self._unacked -= entries.popleft()[1]
+            _, records, _, queued_at = entries.popleft()
+            self._unacked -= records
+            if queued_at is not None and now is not None:
+                self.delays.observe(max(0.0, now - queued_at), records)
         sizes = self._bytes
         while sizes and sizes[0][0] <= sequence:
             self._unacked_bytes -= sizes.popleft()[1]

@@ -3,21 +3,36 @@ namespace tests and the benchmarks)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal as _signal
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lab.topology import SERVERS, VIP, Lab, wait_until
+from prometheus_client.parser import text_string_to_metric_families
+
+from lab.fill import write as write_snapshot
+from lab.topology import SERVERS, VIP, Lab, build, wait_until
+from lb.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 ENV = {"PYTHONPATH": str(REPO)}
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+"""Scraped metrics: {(sample name, sorted labels): value}."""
+
+
+def metric(samples: Samples, name: str, **labels: str) -> float:
+    """One sample's value (0 when absent)."""
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 @dataclass
@@ -31,13 +46,17 @@ class Lbd:
     log: Path
     proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, *, wait: bool = True) -> Lbd:
+    def start(self, *, wait: bool = True, timeout: float = 20) -> Lbd:
         self.proc = self.env.lab.spawn(self.host, [str(BIN / "lbd"), "--config",
                                                    str(self.config)], log=str(self.log), env=ENV)
         if wait:
-            wait_until(self._alive_and_answering, timeout=20,
-                       what=f"lbd on {self.host} to answer on its control socket")
+            self.wait_answering(timeout)
         return self
+
+    def wait_answering(self, timeout: float = 20) -> None:
+        """Until the control socket answers (a start that loads 10⁶ sessions takes seconds)."""
+        wait_until(self._alive_and_answering, timeout=timeout,
+                   what=f"lbd on {self.host} to answer on its control socket")
 
     def _alive_and_answering(self) -> bool:
         assert self.proc is not None
@@ -89,7 +108,11 @@ class LabEnv:
     def client(self, host: str, *args: str, timeout: float = 60) -> Any:
         return self.python(host, "lab.client", *args, timeout=timeout)
 
-    def lbd(self, config: str, host: str = "lba", *, start: bool = True) -> Lbd:
+    def lbd(self, config: str, host: str = "lba", *, start: bool = True,
+            fill: int = 0, bindings: bool = False) -> Lbd:
+        """An lbd in ``host`` with this config (``@SOCKET@`` placed, a state_dir of the host's
+        own unless it names one); ``fill``: its table snapshot gets that many sessions
+        first (:mod:`lab.fill`), which it loads as it starts."""
         n = len(self.lbds)
         sock = str(self.tmp / f"{host}-{n}.sock")
         path = self.tmp / f"{host}-{n}.toml"
@@ -102,7 +125,18 @@ class LabEnv:
         path.write_text(text)
         lbd = Lbd(self, host, path, sock, self.tmp / f"{host}-{n}.log")
         self.lbds.append(lbd)
-        return lbd.start() if start else lbd
+        if fill:
+            write_snapshot(load_config(path), fill, bindings=bindings)
+        return lbd.start(timeout=20 + fill / 10_000) if start else lbd
+
+    def scrape(self, host: str = "lba", port: int = 9641) -> Samples:
+        """lbd's /metrics from inside ``host``: {(sample name, sorted labels): value}."""
+        r: Any = self.client(host, "get", f"http://127.0.0.1:{port}/metrics")
+        out: Samples = {}
+        for fam in text_string_to_metric_families(r["answers"][0] + "\n"):
+            for s in fam.samples:
+                out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+        return out
 
     def start_servers(self, names: tuple[str, ...] = tuple(SERVERS), *, http: int = 8080,
                       udp: int = 5353) -> None:
@@ -122,6 +156,21 @@ class LabEnv:
     servers: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
 
+@contextlib.contextmanager
+def pair_env(prefix: str) -> Iterator[LabEnv]:
+    """The lab of a pair (``build(pair=True)``) with its real servers running and a temporary
+    directory for configs, state and logs; everything deleted on the way out."""
+    lab = Lab()
+    try:
+        build(lab, pair=True)
+        with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+            env = LabEnv(lab, Path(tmp))
+            env.start_servers()
+            yield env
+    finally:
+        lab.close()
+
+
 def shipped_node_config(name: str, tmp: Path) -> str:
     """conf/NAME.toml as shipped, with its control socket left for :meth:`LabEnv.lbd` to place
     and its sync key file in ``tmp``: the lab and the benchmarks run the example configs."""
@@ -130,6 +179,22 @@ def shipped_node_config(name: str, tmp: Path) -> str:
     key = tmp / "sync.key"
     key.write_text("a shared secret for the lab pair\n")
     return re.sub(r'key_file = "[^"]*"', f'key_file = "{key}"', text)
+
+
+LARGE_TABLES = """
+[sessions]
+max_sessions = 2200000
+max_half_open = 2000000
+snapshot_interval = "1h"
+"""
+"""[sessions] for a pair that holds 10⁶ sessions (lab.fill) and takes SYN loads without
+evicting half-open sessions; the table snapshot is loaded at start but not rewritten during
+a test or bench (an hour apart)."""
+
+
+def large_node_config(name: str, tmp: Path) -> str:
+    """:func:`shipped_node_config` with :data:`LARGE_TABLES`."""
+    return shipped_node_config(name, tmp) + LARGE_TABLES
 
 
 class Holder:

@@ -48,6 +48,9 @@ def main() -> None:
     ap.add_argument("--distinct", type=int, default=50_000,
                     help="distinct packets built (sent round robin)")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=BATCH,
+                    help=f"SYNs sent back to back between two pauses of the pacing "
+                         f"(default {BATCH}); smaller: a smoother rate")
     args = ap.parse_args()
     rnd = random.Random(args.seed)
     packets = [syn(f"198.51.100.{rnd.choice(SOURCES)}", rnd.randrange(1024, 65536), args.vip,
@@ -58,6 +61,7 @@ def main() -> None:
     dest = (args.vip, 0)
     send = sock.sendto
     sent, n = 0, len(packets)
+    batch = max(1, args.batch)
     start = time.monotonic()
     end = start + args.duration
     while sent < args.count:
@@ -65,9 +69,9 @@ def main() -> None:
         if now >= end:
             break
         if args.rate and sent > (now - start) * args.rate:
-            time.sleep(min(BATCH / args.rate, end - now))
+            time.sleep(min(batch / args.rate, end - now))
             continue
-        i, stop = sent, min(sent + BATCH, args.count)
+        i, stop = sent, min(sent + batch, args.count)
         while i < stop:
             try:
                 while i < stop:

@@ -62,6 +62,8 @@ class LoadReport:
     expired_bindings: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     age: float = 0.0
+    seconds: float = 0.0
+    """How long reading, decoding and installing took."""
 
 
 class SnapshotStore:
@@ -100,6 +102,7 @@ class SnapshotStore:
         if not self.enabled:
             self.report = LoadReport("disabled")
             return None
+        started = time.perf_counter()
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
@@ -124,6 +127,7 @@ class SnapshotStore:
             if done is not None and len(done.sessions) + len(done.bindings) >= FREEZE_AT:
                 gc.freeze()
             gc.enable()
+        self.report.seconds = round(time.perf_counter() - started, 3)
         return done
 
     def _decode_and_install(self, data: bytes, services: ServiceSet, now: float,
@@ -222,7 +226,7 @@ class SnapshotStore:
             "load": {"result": r.result, "detail": r.detail, "sessions": r.sessions,
                      "bindings": r.bindings, "expired_sessions": r.expired_sessions,
                      "expired_bindings": r.expired_bindings, "skipped": dict(r.skipped),
-                     "age": round(r.age, 3)},
+                     "age": round(r.age, 3), "seconds": r.seconds},
             "writes": self.writes_total, "write_failures": self.write_failures_total,
         }
         if self.writes_total:

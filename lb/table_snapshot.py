@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import itertools
 import math
 import struct
 from collections.abc import Iterable, Sequence
@@ -177,6 +178,20 @@ class SnapshotWriter:
                             get(s.binding, NO_BINDING)))  # type: ignore[arg-type]
         self.sessions += len(out)
         self._parts.append(b"".join(out))
+
+    def add_rows(self, bindings: Iterable[tuple[int, ...]],
+                 sessions: Iterable[tuple[int, ...]]) -> None:
+        """Entries given as the file's own fields, in the order of the format above (a
+        binding's nine, a session's ten, its binding as an index into ``bindings``): for
+        tools that make a table without building one (``lab.fill``). Not mixed with
+        :meth:`add_bindings` / :meth:`add_sessions`, and called once per snapshot."""
+        if self._parts or self._sessions_started:
+            raise ValueError("rows are added once, and not mixed with table entries")
+        packed_b = b"".join(itertools.starmap(_BINDING.pack, bindings))
+        packed_s = b"".join(itertools.starmap(_SESSION_IN.pack, sessions))
+        self.bindings += len(packed_b) // BINDING_SIZE
+        self.sessions += len(packed_s) // SESSION_SIZE
+        self._parts += (packed_b, packed_s)
 
     def finish(self) -> list[bytes]:
         """The file's bytes, as parts to write in order (header, records, checksum)."""

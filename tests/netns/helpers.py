@@ -7,9 +7,7 @@ import subprocess
 import sys
 from typing import Any
 
-from prometheus_client.parser import text_string_to_metric_families
-
-from lab.harness import ENV, Holder
+from lab.harness import ENV, Holder, Samples, metric
 from tests.netns.harness import LabEnv
 
 __all__ = ["Holder", "Samples", "cut_vrrp", "drops", "holds", "metric", "result", "scrape",
@@ -29,23 +27,10 @@ def result(proc: subprocess.Popen[str], timeout: float = 60) -> Any:
     out, _ = proc.communicate(timeout=timeout)
     return json.loads(out.strip().splitlines()[-1])
 
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
 
 def scrape(env: LabEnv, host: str = "lba", port: int = 9641) -> Samples:
     """Scrape lbd's /metrics from inside ``host``: {(sample name, sorted labels): value}."""
-    r: Any = env.client(host, "get", f"http://127.0.0.1:{port}/metrics")
-    text = r["answers"][0]
-    out: Samples = {}
-    for fam in text_string_to_metric_families(text + "\n"):
-        for s in fam.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
-def metric(samples: Samples, name: str,
-           **labels: str) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+    return env.scrape(host, port)
 
 
 def drops(samples: Samples) -> dict[str, float]:

@@ -155,3 +155,22 @@ def test_restored_sessions_keep_their_state(state: TcpState) -> None:
     (r,) = list(a.sessions)
     assert r.state == state and r.server.addr == s.server.addr
     assert a.sessions.deadline(r) == pytest.approx(a.clock[0] - 1 + a.sessions.timeout_of[state])
+
+
+def test_a_takeover_of_many_restored_sessions_sends_them_as_a_snapshot(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("ha.replication.SNAPSHOT_CHUNK", 3)
+    p = Pair()
+    for port in range(40001, 40006):
+        to_server(p.a, VIP_A, port)
+    p.sync()
+    before = view(p.a)
+    a, done = restart(p.a, "a", saved(p.a), down=1)
+    assert len(done.sessions) == 5 and a.rep.provisional == (5, 1)
+    take(a, "va", "gw")
+    # More than a chunk: not five records queued at once, but a snapshot for the transport.
+    assert a.rep.snapshot_wanted and a.rep.pending == []
+    assert a.rep.provisional == (0, 0)
+    b, _ = restart(p.b, "b", saved(p.b), down=1)
+    snapshots(a, b)
+    assert view(b) == before and b.rep.provisional == (0, 0)

@@ -7,6 +7,7 @@ and bad peers are refused by reason."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import random
@@ -338,4 +339,68 @@ def test_a_silent_peer_is_dropped_on_both_connections_after_peer_timeout() -> No
             fake.close()
             for w in silent:
                 w.close()
+    run(main)
+
+
+def test_a_snapshot_lets_the_loop_run_between_its_chunks(monkeypatch: pytest.MonkeyPatch,
+                                                          ) -> None:
+    """drain() does not yield while the transport is not paused: the sender yields itself,
+    or a 10⁶-session snapshot holds the loop (and VRRP's adverts) for seconds."""
+    monkeypatch.setattr("ha.replication.SNAPSHOT_CHUNK", 10)
+
+    async def main() -> None:
+        a, b = await pair()
+        (svc,) = a.rep.services().services
+        server = svc.pool.servers[0]
+        for port in range(1024, 1124):
+            a.rep.sessions.install(6, 0xC6336464, port, svc.vaddr, svc.vport, server, svc,
+                                   2, time.monotonic(), time.monotonic())
+        turns = 0
+        stop_ticking = False
+
+        async def tick() -> None:
+            nonlocal turns
+            while not stop_ticking:
+                turns += 1
+                await asyncio.sleep(0)
+
+        seen: list[int] = []
+        send = a._send
+
+        def watched(records: list[Any], **kwargs: Any) -> None:
+            if kwargs.get("snapshot"):
+                seen.append(turns)
+            send(records, **kwargs)
+
+        monkeypatch.setattr(a, "_send", watched)
+        ticker = asyncio.get_running_loop().create_task(tick())
+        try:
+            await until(lambda: b.rep.snapshot_done and len(b.rep.sessions) == 100,
+                        "b to apply a's snapshot")
+            assert len(seen) == 11  # 100 sessions + begin + end, 10 records a chunk
+            assert all(y > x for x, y in itertools.pairwise(seen)), seen
+        finally:
+            stop_ticking = True
+            await ticker
+            await stop(a, b)
+    run(main)
+
+
+def test_changes_count_their_delay_and_both_ends_count_the_same_bytes() -> None:
+    async def main() -> None:
+        a, b = await pair()
+        try:
+            await until(lambda: a.rep.snapshot_done and b.rep.snapshot_done, "snapshots")
+            (svc,) = a.rep.services().services
+            now = time.monotonic()
+            a.rep.sessions.observer = a.rep
+            a.rep.sessions.install(6, 0xC6336464, 40000, svc.vaddr, svc.vport,
+                                   svc.pool.servers[0], svc, 2, now, now)
+            await until(lambda: len(b.rep.sessions) == 1 and a.unacked == 0, "the change")
+            delay = a.status()["ack_delay"]
+            assert delay["records"] == 1 and 0 <= delay["p99"] < 5.0
+            assert b.status()["last_snapshot"]["sessions"] == 0
+            await until(lambda: a.bytes_sent == b.bytes_received > 0, "the bytes to agree")
+        finally:
+            await stop(a, b)
     run(main)
