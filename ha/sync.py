@@ -138,6 +138,7 @@ class SyncService:
         # Seconds before the next outbound attempt: RECONNECT, doubled by every refused (not
         # timed-out) handshake up to RECONNECT_MAX, back to RECONNECT once one succeeds.
         self.retry_delay = RECONNECT
+        self._stopping = False
         # Refusal reasons already logged since the last good handshake: a peer with the wrong
         # key is logged once per reason, not every attempt (every one is still counted).
         self._refusals_logged: set[str] = set()
@@ -160,6 +161,7 @@ class SyncService:
         self._tasks.append(loop.create_task(self._connect_loop()))
 
     async def stop(self) -> None:
+        self._stopping = True  # the loops end even if a cancellation was swallowed
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -382,7 +384,7 @@ class SyncService:
 
     async def _connect_loop(self) -> None:
         peer = self.cfg.peer
-        while True:
+        while not self._stopping:
             try:
                 reader, writer = await asyncio.wait_for(asyncio.open_connection(
                     peer.host, peer.port, local_addr=(self.cfg.listen.host, 0)), 2)
@@ -461,7 +463,11 @@ class SyncService:
         ``peer_timeout`` (a dead peer behind a link TCP has not given up on yet: without
         this the connection, and the copies it keeps alive, would wait for minutes)."""
         try:
-            return await asyncio.wait_for(reader.read(1 << 16), self.cfg.peer_timeout)
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for returns the read's result
+            # when the read completes as the task is cancelled, swallowing the cancellation
+            # (a stop then never ended: the connect loop went on).
+            async with asyncio.timeout(self.cfg.peer_timeout):
+                return await reader.read(1 << 16)
         except TimeoutError:
             self._count(self.errors, "peer_silent")
             log.warning("sync: nothing from %s on the %s connection for %g s: dropped",

@@ -404,3 +404,18 @@ def test_changes_count_their_delay_and_both_ends_count_the_same_bytes() -> None:
         finally:
             await stop(a, b)
     run(main)
+
+
+def test_a_node_stops_after_its_peer_stopped_first() -> None:
+    """The peer's stop closes the connections; this node's stop then cancels a read that has
+    just completed. The cancellation must not be lost (Python 3.11's wait_for swallowed it and
+    the connect loop went on for ever, so a graceful stop hung)."""
+    async def main() -> None:
+        a, b = await pair()
+        await until(lambda: a.outbound_connected and b.outbound_connected
+                    and a.inbound_connected and b.inbound_connected, "both connections up")
+        await a.stop()
+        stopping = asyncio.ensure_future(b.stop())
+        done, _ = await asyncio.wait({stopping}, timeout=5)  # a hang detector, no figure
+        assert stopping in done, "b's stop hangs: its connect loop lost the cancellation"
+    run(main)
