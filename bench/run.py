@@ -27,12 +27,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
+from typing import TypeVar
 
 from bench import failover, memory, netbench, syncnet, syncrate, synflood
 from bench.report import Check, Figure, as_json, table
+
+T = TypeVar("T")
 
 BENCHES = ("throughput", "pps", "cps", "memory", "failover", "sync", "syncnet", "synflood")
 FLOOD_RATES = {"synflood_15k": 15000, "synflood_max": 0}
@@ -294,19 +297,33 @@ def _syncnet(duration: float, figs: list[Figure]) -> None:
     figs[0].notes.extend(result.notes)
 
 
-def _synflood(rounds: int, fig: Figure, rate: int) -> None:
+ROUND_ERRORS = (RuntimeError, OSError, subprocess.SubprocessError, TimeoutError, ValueError,
+                KeyError)
+"""What a round of a lab bench may fail with: the figure records it, the run goes on."""
+
+
+def _rounds(rounds: int, figs: Sequence[Figure], what: str,
+            measure: Callable[[], T]) -> Iterator[T]:
+    """Each round's result of ``measure`` (a bench that builds a lab of its own); a figure of
+    ``figs`` gets the error of the first round that fails, or "needs root", and no more."""
     if os.geteuid() != 0:
-        fig.errors["lbd"] = "needs root"
+        for f in figs:
+            f.errors["lbd"] = "needs root"
         return
     for rnd in range(rounds):
-        progress(f"round {rnd + 1}/{rounds}: SYN flood at "
-                 + (f"{rate} SYN/s" if rate else "full rate"))
+        progress(f"round {rnd + 1}/{rounds}: {what}")
         try:
-            got = synflood.one_round(rate)
-        except (RuntimeError, OSError, subprocess.SubprocessError, TimeoutError,
-                ValueError, KeyError) as exc:
-            fig.errors["lbd"] = f"round {rnd + 1}: {exc.__class__.__name__}: {exc}"
+            got = measure()
+        except ROUND_ERRORS as exc:
+            for f in figs:
+                f.errors["lbd"] = f"round {rnd + 1}: {exc.__class__.__name__}: {exc}"
             return
+        yield got
+
+
+def _synflood(rounds: int, fig: Figure, rate: int) -> None:
+    what = f"SYN flood at {rate} SYN/s" if rate else "SYN flood at full rate"
+    for rnd, got in enumerate(_rounds(rounds, [fig], what, lambda: synflood.one_round(rate))):
         fig.add_sample("lbd", got.legit_ok)
         fig.notes.append(f"round {rnd + 1}: flood {got.flood_rate:,.0f} SYN/s sent, lbd CPU "
                          f"{got.lbd_cpu:.2f} cores, {got.tun_dropped:,} packets dropped at "
@@ -315,19 +332,8 @@ def _synflood(rounds: int, fig: Figure, rate: int) -> None:
 
 def _failover(rounds: int, fig: Figure, gap_fig: Figure | None, advert: str | None) -> None:
     figs = [f for f in (fig, gap_fig) if f is not None]
-    if os.geteuid() != 0:
-        for f in figs:
-            f.errors["lbd"] = "needs root"
-        return
-    for rnd in range(rounds):
-        progress(f"round {rnd + 1}/{rounds}: failover of an lbd pair"
-                 + (f" ({advert} adverts)" if advert else ""))
-        try:
-            got = failover.one_round(advert)
-        except (RuntimeError, OSError, subprocess.SubprocessError, TimeoutError) as exc:
-            for f in figs:
-                f.errors["lbd"] = f"round {rnd + 1}: {exc.__class__.__name__}: {exc}"
-            return
+    what = "failover of an lbd pair" + (f" ({advert} adverts)" if advert else "")
+    for got in _rounds(rounds, figs, what, lambda: failover.one_round(advert)):
         fig.add_sample("lbd", got.first_request)
         if gap_fig is not None:
             gap_fig.add_sample("lbd", got.stream_gap)

@@ -12,7 +12,6 @@ dropped at the TUN before lbd read them (the TUN's TX drops).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -20,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lab.harness import ENV, LabEnv, shipped_node_config
+from lab.harness import ENV, LabEnv, cpu_seconds, shipped_node_config
 from lab.topology import VIP, Lab, build, wait_until
 
 FLOOD_SECONDS = 9
@@ -34,11 +33,6 @@ class FloodRound:
     lbd_cpu: float  # cores, over the flood
     flood_rate: float  # SYN/s sent
     tun_dropped: int  # packets the kernel dropped at the TUN during the round
-
-
-def _cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _tun_dropped(lab: Lab) -> int:
@@ -72,7 +66,7 @@ def one_round(rate: int) -> FloodRound:
             env.client("c1", "get", f"http://{VIP}/", "--count", "3")  # ARP, warm paths
             assert lbd.proc is not None
             pid = lbd.proc.pid
-            dropped0, cpu0, t0 = _tun_dropped(lab), _cpu(pid), time.monotonic()
+            dropped0, cpu0, t0 = _tun_dropped(lab), cpu_seconds(pid), time.monotonic()
             flood = _spawn(lab, "c2", "lab.synflood", VIP, "--port", "80", "--rate",
                            str(rate), "--duration", str(FLOOD_SECONDS))
             wait_until(lambda: time.monotonic() - t0 >= 2 or flood.poll() is not None,
@@ -81,7 +75,7 @@ def one_round(rate: int) -> FloodRound:
                           str(LOAD_RATE), "--duration", str(LOAD_SECONDS), "--timeout", "3")
             got = _last_json(load, timeout=LOAD_SECONDS + 30)
             sent = _last_json(flood, timeout=FLOOD_SECONDS + 30)
-            cpu = (_cpu(pid) - cpu0) / (time.monotonic() - t0)
+            cpu = (cpu_seconds(pid) - cpu0) / (time.monotonic() - t0)
             dropped = _tun_dropped(lab) - dropped0
             attempts = int(str(got["attempts"])) or 1
             return FloodRound(int(str(got["ok"])) / attempts, cpu, float(str(sent["rate"])),

@@ -26,6 +26,12 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 ENV = {"PYTHONPATH": str(REPO)}
 
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, in seconds (from /proc: namespaces share it)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 """Scraped metrics: {(sample name, sorted labels): value}."""
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -27,6 +26,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from lab.harness import cpu_seconds
 from lab.topology import LB_FRONT, VIP, wait_until
 from tests.netns import configs
 from tests.netns.harness import LabEnv, Lbd
@@ -78,12 +78,6 @@ def vrrp_view(samples: Samples) -> dict[str, tuple[float, str]]:
         out[inst] = (metric(samples, "lbd_vrrp_transitions_total", instance=inst),
                      ",".join(current))
     return out
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
