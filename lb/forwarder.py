@@ -62,6 +62,8 @@ ICMP_ECHO_REQUEST = 8
 ICMP_ERROR_TYPES = frozenset((3, 11, 12))
 
 _ZERO_VNET = bytes(VNET_HDR_LEN)
+_SYN_RECV = int(TcpState.SYN_RECV)  # the state of a flow inferred from its server's SYN-ACK
+_ESTABLISHED = int(TcpState.ESTABLISHED)
 
 DROP_REASONS = ("no_session", "no_service", "no_server", "table_full", "flow_conflict",
                 "icmp_bad", "icmp_unsupported", "icmp_no_session", "reply_hold_timeout",
@@ -73,10 +75,6 @@ class SessionEvents(Protocol):
     def session_added(self, s: Session[Service]) -> None: ...
     def session_changed(self, s: Session[Service]) -> None: ...
     def session_removed(self, s: Session[Service], reason: str) -> None: ...
-
-
-_SYN_RECV = int(TcpState.SYN_RECV)
-_ESTABLISHED = int(TcpState.ESTABLISHED)
 
 
 class PeerReports(Protocol):
@@ -179,14 +177,13 @@ class Forwarder:
             return self._icmp_from_server(buf, off, l4, end, sport)
         rkey = (proto << 96) | (saddr << 64) | (daddr << 32) | (sport << 16) | dport
         s = self.sessions.lookup_reply(rkey)
-        if s is None:
-            if (self.peer_streaming is not None and not self.peer_streaming()
-                    and (s := self._infer(proto, saddr, sport, daddr, dport, flags, now))):
-                pass  # the peer's flow, copied here; forwarded below
-            elif self.hold is not None and self.hold.hold(rkey, bytes(buf[:end]), now):
-                self.out_len = 0
-                return DROP  # held, not dropped: counted by the hold
-            else:
+        if s is None:  # (one test on the path of every reply that has its session)
+            if self.peer_streaming is not None and not self.peer_streaming():
+                s = self._infer(proto, saddr, sport, daddr, dport, flags, now)  # no record
+            if s is None:
+                if self.hold is not None and self.hold.hold(rkey, bytes(buf[:end]), now):
+                    self.out_len = 0
+                    return DROP  # held, not dropped: counted by the hold
                 return self.drop("no_session")
         svc = s.service
         if svc.owned:
