@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from lab import configs
 from lab.topology import VIP, wait_until
-from tests.netns import configs
 from tests.netns.harness import LabEnv
 from tests.netns.helpers import Holder, drops, metric, scrape
 

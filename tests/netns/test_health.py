@@ -13,8 +13,8 @@ import stat
 from collections import Counter
 from typing import Any
 
+from lab import configs
 from lab.topology import SERVERS, VIP, wait_until
-from tests.netns import configs
 from tests.netns.harness import LabEnv, Lbd
 from tests.netns.helpers import Holder, Samples, drops, metric, scrape
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import signal
 
+from lab import configs
 from lab.topology import VIP, wait_until
-from tests.netns import configs
 from tests.netns.harness import LabEnv
 from tests.netns.helpers import Holder, metric, scrape
 

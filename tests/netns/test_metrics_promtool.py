@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from lab import configs
 from lab.topology import SERVERS, VIP, wait_until
-from tests.netns import configs
 from tests.netns.harness import LabEnv, Lbd
 
 URL = f"http://{VIP}/"

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
+from lab import configs
 from lab.topology import SERVERS, VIP, wait_until
-from tests.netns import configs
 from tests.netns.harness import BIN, ENV, LabEnv, Lbd
 from tests.netns.helpers import Holder, holds
 from tests.netns.test_sync import start_synced_pair

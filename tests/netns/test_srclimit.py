@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from lab import configs
 from lab.topology import VIP, wait_until
-from tests.netns import configs
 from tests.netns.harness import LabEnv
 from tests.netns.helpers import Holder, drops, result, scrape, spawn_lab
 from tests.netns.test_synflood import FLOOD_RATE, FLOOD_SECONDS, flood_then_load

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
+from lab import configs
 from lab.topology import CLIENTS, LB_SYNC, SERVERS, VIP, wait_until
-from tests.netns import configs
 from tests.netns.harness import LabEnv, Lbd
 from tests.netns.helpers import Holder, cut_vrrp, metric, result, scrape, spawn_lab
 from tests.netns.test_vrrp import states, wait_states

@@ -1,6 +1,6 @@
 """Back-pressure: a peer that stops reading its sync socket costs a bounded backlog.
 
-A single-master pair (tests/netns/configs.py ``pair(..., sync=True)``): lba masters both
+A single-master pair (lab/configs.py ``pair(..., sync=True)``): lba masters both
 instances, lbb is the backup of every one, so freezing lbb (SIGSTOP: its sync socket is no
 longer read, and its VRRP, as a silent backup, changes nothing) leaves lba forwarding alone.
 A bounded new-connection load through lba fills the stream towards lbb; once the kernel's

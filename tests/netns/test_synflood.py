@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 
+from lab import configs
 from lab.topology import VIP, wait_until
-from tests.netns import configs
 from tests.netns.harness import LabEnv, Lbd
 from tests.netns.helpers import drops, result, scrape, spawn_lab
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import sys
 
+from lab import configs
 from lab.topology import VIP, wait_until
-from tests.netns import configs
 from tests.netns.harness import ENV, LabEnv
 
 PORTS = 20

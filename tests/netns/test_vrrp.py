@@ -9,8 +9,8 @@ from collections import Counter
 
 import pytest
 
+from lab import configs
 from lab.topology import VIP, wait_until
-from tests.netns import configs
 from tests.netns.harness import LabEnv, Lbd
 from tests.netns.helpers import cut_vrrp, holds
 

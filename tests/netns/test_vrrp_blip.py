@@ -12,8 +12,8 @@ import time
 
 import pytest
 
+from lab import configs
 from lab.topology import VIP, wait_until
-from tests.netns import configs
 from tests.netns.harness import LabEnv, Lbd
 from tests.netns.helpers import metric, scrape
 

@@ -20,8 +20,8 @@ from functools import partial
 
 import pytest
 
+from lab import configs
 from lab.topology import CLIENTS, LB_FRONT, VIP, wait_until
-from tests.netns import configs
 from tests.netns.harness import LabEnv, Lbd
 from tests.netns.helpers import Samples, metric, scrape
 

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from lab import configs
 from lab.topology import GATEWAY, LB_FRONT, VIP, wait_until
-from tests.netns import configs
 from tests.netns.harness import LabEnv, Lbd
 from tests.netns.helpers import metric, scrape
 

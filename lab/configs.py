@@ -1,4 +1,5 @@
-"""TOML configs for namespace tests, built from a few knobs so each test shows what differs."""
+"""TOML configs for the namespace tests and the lab benches, built from a few knobs so each
+use shows what differs."""
 
 from __future__ import annotations
 
