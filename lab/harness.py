@@ -163,15 +163,18 @@ class LabEnv:
 
 
 @contextlib.contextmanager
-def pair_env(prefix: str) -> Iterator[LabEnv]:
-    """The lab of a pair (``build(pair=True)``) with its real servers running and a temporary
-    directory for configs, state and logs; everything deleted on the way out."""
+def pair_env(prefix: str, *, clients: tuple[str, ...] = ("c1", "c2"),
+             servers: bool = True) -> Iterator[LabEnv]:
+    """The lab of a pair (``build(pair=True)``) with its real servers running (unless
+    ``servers`` is False) and a temporary directory for configs, state and logs; everything
+    deleted on the way out."""
     lab = Lab()
     try:
-        build(lab, pair=True)
+        build(lab, pair=True, clients=clients)
         with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
             env = LabEnv(lab, Path(tmp))
-            env.start_servers()
+            if servers:
+                env.start_servers()
             yield env
     finally:
         lab.close()

@@ -8,6 +8,10 @@ and none of them ever completes its handshake, as with a flood from spoofed sour
 packets are built before the clock starts and sent through one raw socket (``IP_HDRINCL``),
 paced in batches to ``--rate`` (0: as fast as this process can). Bounded by ``--duration``
 and ``--count``. Prints {"sent": n, "seconds": s, "rate": n/s}.
+
+``--kind junk`` sends 64-byte UDP datagrams (IPv4 + UDP + 36 bytes of zeros) from the same
+random sources instead: at a VIP port without a virtual server, packets the balancer must read
+and drop (lab/saturation.py: a junk flood must not delay the adverts).
 """
 
 from __future__ import annotations
@@ -38,10 +42,23 @@ def syn(src: str, sport: int, dst: str, dport: int, seq: int) -> bytes:
     return ip + tcp
 
 
+def junk(src: str, sport: int, dst: str, dport: int) -> bytes:
+    """One 64-byte IPv4 + UDP datagram (UDP checksum 0: none, as RFC 768 allows)."""
+    s, d = socket.inet_aton(src), socket.inet_aton(dst)
+    payload = bytes(64 - 28)
+    udp = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0x4000, 64, socket.IPPROTO_UDP,
+                     0, s, d)
+    ip = ip[:10] + struct.pack("!H", checksum(ip)) + ip[12:]
+    return ip + udp
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("vip")
     ap.add_argument("--port", type=int, default=80)
+    ap.add_argument("--kind", choices=("syn", "junk"), default="syn",
+                    help="TCP SYNs (default) or 64-byte UDP datagrams")
     ap.add_argument("--rate", type=float, default=0.0, help="SYN/s; 0: as fast as possible")
     ap.add_argument("--duration", type=float, default=5.0)
     ap.add_argument("--count", type=int, default=5_000_000)
@@ -54,7 +71,9 @@ def main() -> None:
     args = ap.parse_args()
     rnd = random.Random(args.seed)
     packets = [syn(f"198.51.100.{rnd.choice(SOURCES)}", rnd.randrange(1024, 65536), args.vip,
-                   args.port, rnd.getrandbits(32))
+                   args.port, rnd.getrandbits(32)) if args.kind == "syn"
+               else junk(f"198.51.100.{rnd.choice(SOURCES)}", rnd.randrange(1024, 65536),
+                         args.vip, args.port)
                for _ in range(min(args.distinct, args.count))]
     sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
