@@ -32,7 +32,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 
 from ha.ownership import AddressOwner, Claim
 from ha.vrrp_io import RawVrrpSocket, RunnerInstance, VrrpRunner
@@ -466,11 +471,26 @@ class HaController:
             recv.add_metric([name], m.adverts_received)
             for reason, n in list(m.dropped.items()):  # written by the VRRP thread
                 dropped.add_metric([name, reason.value], n)
+        late = HistogramMetricFamily(
+            "lbd_vrrp_timer_lateness_seconds", "How late the VRRP timer of an interface ran "
+            "after its deadline (adverts leave right after)", labels=["interface"])
+        late_max = GaugeMetricFamily("lbd_vrrp_timer_lateness_max_seconds",
+                                     "The latest the VRRP timer of an interface ran",
+                                     labels=["interface"])
         for runner in self.runners:
             scope = f"interface:{int_to_ip(runner.primary_address)}"
+            ifname = self.instances[runner.instances[0].name].config.interface
             for reason, n in list(runner.dropped.items()):
                 dropped.add_metric([scope, reason.value], n)
-        yield from (state, prio, trans, sent, recv, dropped, rivals, reannounced)
+            counts, acc = list(runner.timer_late), 0  # a copy: the VRRP thread writes it
+            buckets = []
+            for bound, n in zip((*runner.LATE_BUCKETS, float("inf")), counts, strict=True):
+                acc += n
+                buckets.append(("+Inf" if bound == float("inf") else str(bound), acc))
+            late.add_metric([ifname], buckets, runner.timer_late_sum)
+            late_max.add_metric([ifname], runner.timer_late_max)
+        yield from (state, prio, trans, sent, recv, dropped, rivals, reannounced, late,
+                    late_max)
         yield CounterMetricFamily("lbd_garps_sent", "Gratuitous ARPs sent",
                                   value=self.owner.garps_sent)
         yield CounterMetricFamily("lbd_garp_errors", "Rounds of gratuitous ARPs that failed",

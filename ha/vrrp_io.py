@@ -179,6 +179,8 @@ class VrrpRunner:
     """Packets read per readiness callback: bounded work per wake-up."""
     TIMER_DRAIN = 1024
     """Packets read, at most, before the machines' timers act (see :meth:`_on_timer`)."""
+    LATE_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.05, 0.1)
+    """Upper bounds (s) of the timer-lateness histogram; one more bucket holds the rest."""
 
     def __init__(
         self,
@@ -219,6 +221,12 @@ class VrrpRunner:
         self.recv_errors = 0
         self.send_errors = 0
         self.callback_errors = 0
+        self.timer_late = [0] * (len(self.LATE_BUCKETS) + 1)
+        """How late the machines' timer ran (the loop's time at the callback minus the
+        deadline asked for), counted per :attr:`LATE_BUCKETS` bucket: an advert leaves right
+        after, so this is how late a master's adverts leave (issue 10: never starved)."""
+        self.timer_late_sum = 0.0
+        self.timer_late_max = 0.0
 
     # ---------------------------------------------------------------- daemon API
 
@@ -303,8 +311,11 @@ class VrrpRunner:
     def _on_timer(self) -> None:
         # asyncio may run a call_at callback a clock resolution early: never feed the
         # machines a time before the deadline they asked for.
-        now = max(self._loop.time(), self._timer_at or 0.0)
+        t = self._loop.time()
+        due = self._timer_at or 0.0
+        now = max(t, due)
         self._timer = self._timer_at = None
+        self._count_lateness(now - due)
         # What the socket holds comes first. After a pause (SIGSTOP, a VM freeze) it holds
         # the adverts that arrived meanwhile, and uvloop runs an overdue timer before the
         # reader: a backup would take over from a live master until it read them (seen:
@@ -387,6 +398,16 @@ class VrrpRunner:
             self._timer.cancel()
         self._timer_at = deadline
         self._timer = None if deadline is None else self._loop.call_at(deadline, self._on_timer)
+
+    def _count_lateness(self, late: float) -> None:
+        for i, bound in enumerate(self.LATE_BUCKETS):
+            if late <= bound:
+                self.timer_late[i] += 1
+                break
+        else:
+            self.timer_late[-1] += 1
+        self.timer_late_sum += late
+        self.timer_late_max = max(self.timer_late_max, late)
 
     def _drop(self, reason: RejectReason) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1

@@ -276,6 +276,14 @@ def run(env: LabEnv, a: Lbd, b: Lbd, *, advert: str, seconds: int, streams: int,
     drops = [metric(s, "lbd_drops_total", reason="no_service")
              for s in (before["lba"], after["lba"])]
     figures["lba_drops_no_service"] = drops[1] - drops[0]
+    # lba's front timer (eth0): how late it ran, i.e. how late its adverts left lbd
+    late = "lbd_vrrp_timer_lateness_seconds"
+    over = [metric(s, f"{late}_count", interface="eth0")
+            - metric(s, f"{late}_bucket", interface="eth0", le="0.015")
+            for s in (before["lba"], after["lba"])]
+    figures["lba_timer_runs_over_15ms_late"] = over[1] - over[0]
+    figures["lba_timer_late_max_ms"] = round(
+        1000 * metric(after["lba"], "lbd_vrrp_timer_lateness_max_seconds", interface="eth0"), 1)
     figures["front_adverts_sent_by_lba"] = sent[1] - sent[0]
     figures["front_adverts_heard_by_lbb"] = heard[1] - heard[0]
     return Saturation(float(advert.removesuffix("ms")) / 1000, elapsed, tuple(gaps),

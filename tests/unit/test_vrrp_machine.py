@@ -959,3 +959,27 @@ def test_runner_reads_queued_adverts_before_an_overdue_timer_acts() -> None:
     # Without adverts the same timer does take over.
     r.loop.advance(4.0)
     assert r.events[-1][1].new is State.MASTER
+
+
+def test_runner_counts_how_late_its_timer_ran() -> None:
+    """The lateness histogram: the loop's time at the timer callback minus the deadline
+    (an advert of a master leaves right then); a timer run on time, or a clock resolution
+    early, counts as 0."""
+    r = rig([("front", machine(255, A_ADDR, interval=0.1), ())])
+    r.runner.start()
+    r.loop.advance(0.25)  # two timers, on time
+    assert r.runner.timer_late[0] == 2 and sum(r.runner.timer_late) == 2
+    assert r.runner.timer_late_max == 0.0
+    (handle,) = r.loop.pending()
+    r.loop.now = handle.when + 0.03  # the loop woke 30 ms late
+    handle.cancelled = True
+    sent = len(r.transport.sent)
+    handle.callback()
+    assert len(r.transport.sent) == sent + 1  # the advert left then
+    bounds = VrrpRunner.LATE_BUCKETS
+    assert r.runner.timer_late[bounds.index(0.05)] == 1
+    assert r.runner.timer_late_max == pytest.approx(0.03)
+    assert r.runner.timer_late_sum == pytest.approx(0.03)
+    r.loop.now = r.loop.pending()[0].when + 0.5  # beyond the last bound
+    r.loop.pending()[0].callback()
+    assert r.runner.timer_late[-1] == 1
