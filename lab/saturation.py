@@ -257,7 +257,10 @@ def run(env: LabEnv, a: Lbd, b: Lbd, *, advert: str, seconds: int, streams: int,
         for inst in INSTANCES:
             transitions[f"{host}/{inst}"] = new[inst][0] - old[inst][0]
             final[f"{host}/{inst}"] = new[inst][1]
-    gbits = json.loads(load.output("iperf3"))["end"]["sum_received"]["bits_per_second"] / 1e9
+    iperf = json.loads(load.output("iperf3"))
+    if "sum_received" not in iperf.get("end", {}):
+        raise RuntimeError(f"iperf3 measured nothing: {iperf.get('error', 'no end.sum_received')}")
+    gbits = iperf["end"]["sum_received"]["bits_per_second"] / 1e9
     found = re.search(r"Requests/sec:\s+([\d.]+)", load.output("wrk"))
     if not found:
         raise RuntimeError(f"wrk printed no rate: {load.output('wrk')[-2000:]}")
@@ -282,6 +285,10 @@ def run(env: LabEnv, a: Lbd, b: Lbd, *, advert: str, seconds: int, streams: int,
             - metric(s, f"{late}_bucket", interface="eth0", le="0.015")
             for s in (before["lba"], after["lba"])]
     figures["lba_timer_runs_over_15ms_late"] = over[1] - over[0]
+    gc_over = [sum(metric(s, "lbd_gc_pause_seconds_count", generation=g)
+                   - metric(s, "lbd_gc_pause_seconds_bucket", generation=g, le="0.01")
+                   for g in "012") for s in (before["lba"], after["lba"])]
+    figures["lba_gc_pauses_over_10ms"] = gc_over[1] - gc_over[0]
     figures["lba_timer_late_max_ms"] = round(
         1000 * metric(after["lba"], "lbd_vrrp_timer_lateness_max_seconds", interface="eth0"), 1)
     figures["front_adverts_sent_by_lba"] = sent[1] - sent[0]

@@ -38,6 +38,7 @@ from lb.forwarder import Forwarder, ServiceCounts
 from lb.health.monitor import HealthMonitor, PoolChecks
 from lb.health.probes import ProbeResult
 from lb.health.state import Transition
+from lb.heap import HeapWatch
 from lb.kernel import Kernel
 from lb.listing import (
     Filter,
@@ -172,6 +173,9 @@ class Node:
         hold = (ReplyHold(config.sync.reply_hold_timeout, config.sync.reply_hold_packets)
                 if config.sync is not None else None)
         self.forwarder = Forwarder(self.services, self.sessions, self.persistence, hold=hold)
+        sessions, bindings = self.sessions, self.persistence
+        self.heap = HeapWatch(lambda: sessions.created_total + sessions.installed_total
+                              + bindings.bound_total + bindings.installed_total)
         self.forwarder.echo_addresses = self._echo_addresses(config)
         self.dataplane: DataPlane | None = None
         self.monitor: HealthMonitor | None = None
@@ -228,6 +232,7 @@ class Node:
                                              self._server_addresses())
         self.dataplane = DataPlane(self.tun_fd, self.forwarder, batch=dp.batch)
         self.dataplane.start(self.loop)
+        self.heap.install()
         self._schedule_expiry()
         self._start_health()
         self.collector.sources.append(dataplane_metrics(self.forwarder, lambda: self.services,
@@ -235,6 +240,7 @@ class Node:
         self.collector.sources.append(lambda: self.check_stats.metrics(lambda: self.monitor))
         self.collector.sources.append(self._node_gauges)
         self.collector.sources.append(self.snapshots.metrics)
+        self.collector.sources.append(self.heap.metrics)
         self.control = ControlServer(cfg.node.control_socket, self.control_handlers())
         await self.control.start()
         if cfg.metrics.listen is not None:
@@ -294,6 +300,7 @@ class Node:
             await self.sync.stop()
         if self._expiry is not None:
             self._expiry.cancel()
+        self.heap.uninstall()
         if self._ramp_timer is not None:
             self._ramp_timer.cancel()
         for task in list(self._tasks):
@@ -349,6 +356,7 @@ class Node:
         self.sessions.expire(now, keep=keep)
         self.persistence.expire(now, keep=keep)
         self.forwarder.expire_held(now)
+        self.heap.grown()  # the tables grew by FREEZE_STEP entries: out of the GC's scans
         if self.runtime.retired and self.runtime.retired_idle():
             self._spawn(self._update_reply_rules())  # a removed server's last session ended
         self._schedule_expiry()
