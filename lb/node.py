@@ -263,6 +263,7 @@ class Node:
             self.collector.sources.append(self.ha.metrics)
         self._restored = None
         self.snapshots.start()
+        self.heap.freeze()  # what start built (modules, config, tables): never rescanned
         log.info("lbd node %s started: %d virtual servers, %d pools", cfg.node.name,
                  len(self.services.services), len(self.services.pools))
 
