@@ -39,6 +39,7 @@ from prometheus_client.core import (
     Metric,
 )
 
+from ha.advert_relay import AdvertRelay, RelayLink
 from ha.ownership import AddressOwner, Claim
 from ha.vrrp_io import RawVrrpSocket, RunnerInstance, VrrpRunner
 from ha.vrrp_machine import (
@@ -97,11 +98,17 @@ class HaController:
         self.notify_failures = 0
         self._vrrp = VrrpThread()
         self._main: asyncio.AbstractEventLoop | None = None
+        # Copies of a master's adverts from a process of their own when lbd is late
+        # (ha/advert_relay.py); one link per runner.
+        self.relay = AdvertRelay()
+        self._links: dict[int, RelayLink] = {}  # id(runner) → its link
 
     # ---- life cycle -------------------------------------------------------------------------
     async def start(self) -> None:
         loop = self._main = asyncio.get_running_loop()
         self._vrrp.start()
+        if self.config.vrrp_instances:
+            self.relay.start()
         member_of = {i: g.name for g in self.config.vrrp_groups for i in g.instances}
         by_if: dict[str, list[VrrpInstanceConfig]] = {}
         for ic in self.config.vrrp_instances:
@@ -123,9 +130,12 @@ class HaController:
                 runner_instances.append(RunnerInstance(
                     ic.name, machine, tuple(ip_to_int(p) for p in ic.unicast_peers)))
             transport = RawVrrpSocket.open(ifname, idx, src)
+            link = self.relay.attach(transport.sock, idx)
             runner = VrrpRunner(self._vrrp.loop, transport, src, runner_instances,
                                 self._on_state_change, on_step=self._on_step,
-                                on_announce=self._on_announce)
+                                on_announce=self._on_announce, copies=link)
+            if link is not None:
+                self._links[id(runner)] = link
             for ri in runner_instances:
                 self.instances[ri.name].runner = runner
             self.runners.append(runner)
@@ -141,10 +151,14 @@ class HaController:
     def _start_runners(self) -> None:
         for runner in self.runners:
             runner.start()
+        if self.relay.fileno() >= 0:
+            self._vrrp.loop.add_reader(self.relay.fileno(), self.relay.read_reports)
 
     def _stop_runners(self) -> None:
         for runner in self.runners:
             runner.stop()
+        if self.relay.fileno() >= 0:
+            self._vrrp.loop.remove_reader(self.relay.fileno())
 
     async def stop(self) -> None:
         """Release every address, then leave MASTER announcing priority 0 (the peer takes
@@ -155,6 +169,7 @@ class HaController:
         if self.runners:
             await self._vrrp.call(self._stop_runners)
         self._vrrp.stop()
+        self.relay.close()
         await self._queue.join()
         for task in self._tasks:
             task.cancel()
@@ -459,8 +474,13 @@ class HaController:
         reannounced = CounterMetricFamily(
             "lbd_vrrp_reannouncements", "Addresses announced again after a rival master "
             "stepped down", labels=["instance"])
+        relayed = CounterMetricFamily(
+            "lbd_vrrp_adverts_relayed", "Copies of the master's last advert sent by the "
+            "advert relay because lbd's own was late", labels=["instance"])
         for name, inst in self.instances.items():
             m = inst.machine
+            link = self._links.get(id(inst.runner)) if inst.runner is not None else None
+            relayed.add_metric([name], link.copies.get(inst.config.vrid, 0) if link else 0)
             rivals.add_metric([name], m.rival_adverts)
             reannounced.add_metric([name], m.reannouncements)
             for st in State:
@@ -490,7 +510,7 @@ class HaController:
             late.add_metric([ifname], buckets, runner.timer_late_sum)
             late_max.add_metric([ifname], runner.timer_late_max)
         yield from (state, prio, trans, sent, recv, dropped, rivals, reannounced, late,
-                    late_max)
+                    late_max, relayed)
         yield CounterMetricFamily("lbd_garps_sent", "Gratuitous ARPs sent",
                                   value=self.owner.garps_sent)
         yield CounterMetricFamily("lbd_garp_errors", "Rounds of gratuitous ARPs that failed",

@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from ha.vrrp_machine import AdvertOut, Reannounce, StateChange, VrrpMachine
+from ha.vrrp_machine import AdvertOut, Reannounce, State, StateChange, VrrpMachine
 from ha.vrrp_packet import (
     VRRP_MULTICAST_GROUP,
     VRRP_PROTOCOL,
@@ -68,6 +68,17 @@ class VrrpTransport(Protocol):
     def send_advert(self, payload: bytes, src: int, dst: int) -> None:
         """Send a VRRP message from ``src`` to ``dst`` with TTL 255. May raise OSError."""
         ...
+
+    def close(self) -> None: ...
+
+
+class AdvertCopies(Protocol):
+    """Where a runner reports the adverts it sent (:class:`ha.advert_relay.RelayLink`): a
+    process that sends copies if lbd's next advert is late."""
+
+    def sent(self, vrid: int, interval: float, src: int, dst: int, payload: bytes) -> None: ...
+
+    def stop(self, vrid: int = 0) -> None: ...
 
     def close(self) -> None: ...
 
@@ -137,6 +148,14 @@ class RawVrrpSocket:
             raise
         return cls(sock, ifindex)
 
+    @property
+    def sock(self) -> socket.socket:
+        return self._sock
+
+    @property
+    def ifindex(self) -> int:
+        return self._ifindex
+
     def fileno(self) -> int:
         return self._sock.fileno()
 
@@ -192,8 +211,10 @@ class VrrpRunner:
         *,
         on_step: Callable[[float], None] | None = None,
         on_announce: AnnounceCallback | None = None,
+        copies: AdvertCopies | None = None,
     ) -> None:
         self._loop = loop
+        self.copies = copies
         self._transport = transport
         self.primary_address = primary_address
         self._instances = tuple(instances)
@@ -252,6 +273,9 @@ class VrrpRunner:
         for instance in self._instances:
             instance.machine.shutdown(now)
         self._stepped(now)
+        if self.copies is not None:
+            self.copies.close()
+            self.copies = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = self._timer_at = None
@@ -360,6 +384,8 @@ class VrrpRunner:
         for advert in machine.adverts_to_send():
             self._send(instance, advert)
         while (event := machine.next_event()) is not None:
+            if event.old is State.MASTER and self.copies is not None:
+                self.copies.stop(machine.config.vrid)  # no copies of a master that left
             try:
                 self._on_state_change(instance.name, event)
             except Exception:
@@ -384,6 +410,13 @@ class VrrpRunner:
                 self._transport.send_advert(payload, self.primary_address, dst)
             except OSError:
                 self.send_errors += 1
+                continue
+            if self.copies is not None:
+                if advert.priority == 0:  # shutting down: the backup takes over now
+                    self.copies.stop(advert.vrid)
+                else:
+                    self.copies.sent(advert.vrid, advert.max_adver_int_cs / 100,
+                                     self.primary_address, dst, payload)
 
     def _arm_timer(self) -> None:
         deadlines = [

@@ -292,6 +292,9 @@ def run(env: LabEnv, a: Lbd, b: Lbd, *, advert: str, seconds: int, streams: int,
         figures[f"lba_gc{g}_pauses_over_10ms"] = gc_over[1] - gc_over[0]
     figures["lba_timer_late_max_ms"] = round(
         1000 * metric(after["lba"], "lbd_vrrp_timer_lateness_max_seconds", interface="eth0"), 1)
+    relayed = [metric(s, "lbd_vrrp_adverts_relayed_total", instance="front")
+               for s in (before["lba"], after["lba"])]
+    figures["front_copies_sent_by_lba_relay"] = relayed[1] - relayed[0]
     figures["front_adverts_sent_by_lba"] = sent[1] - sent[0]
     figures["front_adverts_heard_by_lbb"] = heard[1] - heard[0]
     return Saturation(float(advert.removesuffix("ms")) / 1000, elapsed, tuple(gaps),

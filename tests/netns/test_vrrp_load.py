@@ -12,11 +12,15 @@ test asserts on states and transition counts, never on speed or time.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
 from collections.abc import Callable
 
 import pytest
 
 from lab import saturation
+from lab.harness import metric
 from lab.saturation import master_down, vrrp_view
 from lab.topology import VIP
 from tests.netns.harness import LabEnv
@@ -80,3 +84,34 @@ def test_backup_stays_backup_while_the_master_is_saturated(
     for key, value in figures.items():
         record_property(key, value)
     print(f"\nload figures: {json.dumps(figures)}")
+
+
+def test_a_paused_master_keeps_its_role_through_the_relay(env: LabEnv) -> None:
+    """lbd paused for 150 ms (SIGSTOP to lbd alone, as a long GC pause or a preempted
+    interpreter would): at 30 ms adverts the backup's Master_Down_Interval is 108 ms, so
+    without copies it would take over; the advert relay (ha/advert_relay.py, a process of
+    its own) sends copies of the last advert and the backup stays BACKUP. Paused for 1 s,
+    past the relay's three copies, the backup does take over (a stuck master must lose its
+    role), and the master takes it back when it resumes (preempt)."""
+    a, b = saturation.start_pair(env, "30ms", udp=False)
+    assert a.proc is not None
+    pid = a.proc.pid
+    baseline = vrrp_view(env.scrape("lbb"))
+    for _ in range(5):
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            time.sleep(0.15)  # the pause itself (a stimulus, not a wait for a condition)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        a.wait_answering(5)
+    assert vrrp_view(env.scrape("lbb")) == baseline, "lbb took over from a paused master"
+    relayed = metric(env.scrape("lba"), "lbd_vrrp_adverts_relayed_total", instance="front")
+    assert relayed >= 5, f"the relay sent {relayed} copies over five pauses"
+
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        saturation.wait_states(b, "MASTER", timeout=10)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    saturation.wait_states(a, "MASTER", timeout=10)
+    saturation.wait_states(b, "BACKUP", timeout=10)
