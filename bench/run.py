@@ -51,8 +51,8 @@ def make_figures(benches: Sequence[str], plan: netbench.Plan, sessions: int,
                  systems: Sequence[str] = DEFAULT_SYSTEMS) -> list[Figure]:
     # compiled/pure, shown when the run measures lbd-pure beside lbd (no target: a report)
     pure = (Check("lbd-pure"),) if "lbd-pure" in systems else ()
-    # issue 10's targets: 1 stream ≥ 1.2× HAProxy, more streams ≥ 0.8× the kernel, 64 B UDP
-    # ≥ 0.8× the kernel, new connections ≥ 1.0× HAProxy, ≤ 300 B per session
+    # issue 10's targets: 1 stream ≥ 1.2x HAProxy, more streams ≥ 0.8x the kernel, 64 B UDP
+    # ≥ 0.8x the kernel, new connections ≥ 1.0x HAProxy, ≤ 300 B per session
     figs: list[Figure] = []
     if "throughput" in benches:
         figs.append(Figure("tcp_1", "TCP throughput, 1 stream", "Gbit/s", True,
