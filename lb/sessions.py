@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import enum
 import struct
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from typing import Final, Generic, Protocol, TypeVar
@@ -171,6 +172,8 @@ _NEXT_OUTPUT: Final = _compile("output")
 _N_STATES: Final = len(TcpState)  # Enum.__len__ is a Python call: not per install
 _REUSABLE: Final = tuple(st in REUSABLE_STATES for st in TcpState)
 _CLOSING: Final = tuple(st in CLOSING_STATES for st in TcpState)
+#: Stale entries the half-open index may hold beyond the live ones before it is compacted.
+HALF_OPEN_SLACK: Final = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,6 +322,16 @@ class SessionTable(Generic[S]):
     turn comes (a slot lives ``max_half_open`` / flood rate seconds), and established
     sessions are never touched.
 
+    The arrival order is a deque of sessions with lazy deletion: a session that leaves
+    SYN_RECV or the table stays in it, stale, and is skipped when it reaches the front; a
+    session that enters SYN_RECV again (a SYN on a closing session, or the peer's record of a
+    new flow on a reused 5-tuple) is queued anew, wrapped in a 1-tuple that
+    ``_reentered`` names as its current entry, so that its older entry is stale too.
+    ``half_open`` is an exact count kept on every way into and out of SYN_RECV; when the
+    stale entries exceed the live ones (by more than :data:`HALF_OPEN_SLACK`) the deque is
+    compacted, so it holds at most ``2 * half_open + HALF_OPEN_SLACK`` entries
+    (``half_open_index``), 8 bytes each, at amortised O(1) work per session.
+
     ``sources`` (:class:`lb.source_limits.SourceTracker`, by default one of ``max_sessions``
     / 4 entries) holds the per-source counts of the sessions this node opened
     (:meth:`create` with ``source``). A counted session gives its count back exactly once
@@ -365,7 +378,12 @@ class SessionTable(Generic[S]):
         self.conflict_drops = 0
         self.max_half_open = (max(1, max_sessions // 8) if max_half_open is None
                               else max_half_open)
-        self._half_open: dict[int, Session[S]] = {}  # SYN_RECV sessions, oldest first
+        # SYN_RECV sessions, oldest first, stale entries included (see the class docstring).
+        # (A re-entry's 1-tuple is typed ``tuple[X, ...]``: mypyc keeps that one object, where
+        # it would box a ``tuple[X]`` anew at each use and break the identity test.)
+        self._half_open: deque[Session[S] | tuple[Session[S], ...]] = deque()
+        self._half_open_count = 0
+        self._reentered: dict[Session[S], tuple[Session[S], ...]] = {}
         self.half_open_evictions = 0
         self.sources = (SourceTracker(max(1, max_sessions // 4)) if sources is None
                         else sources)
@@ -378,6 +396,12 @@ class SessionTable(Generic[S]):
     @property
     def half_open(self) -> int:
         """Sessions in SYN_RECV now."""
+        return self._half_open_count
+
+    @property
+    def half_open_index(self) -> int:
+        """Entries in the half-open index, stale ones included: at most
+        ``2 * half_open + HALF_OPEN_SLACK``."""
         return len(self._half_open)
 
     def __iter__(self) -> Iterator[Session[S]]:
@@ -466,9 +490,9 @@ class SessionTable(Generic[S]):
             state = 1
         else:  # picked up mid-stream: established, then this packet's own event
             state = _NEXT_INPUT[(2 << 5) | (tcp_flags & 0x17)]
-        half_open = self._half_open
-        if state == 1 and half_open and (len(half_open) >= self.max_half_open
-                                         or len(self._fwd) >= self.max_sessions):
+        if state == 1 and self._half_open_count and (
+                self._half_open_count >= self.max_half_open
+                or len(self._fwd) >= self.max_sessions):
             self._evict_half_open(now)
         if len(self._fwd) >= self.max_sessions:
             self.full_drops += 1
@@ -484,7 +508,8 @@ class SessionTable(Generic[S]):
         self._fwd[fkey] = s
         self._rev[rkey] = s
         if state == 1:
-            half_open[fkey] = s
+            self._half_open.append(s)
+            self._half_open_count += 1
         server.active += 1
         server.created_total += 1
         if binding is not None:
@@ -542,7 +567,8 @@ class SessionTable(Generic[S]):
             self._fwd[fkey] = s
             self._rev[rkey] = s
             if state == 1:
-                self._half_open[fkey] = s
+                self._half_open.append(s)
+                self._half_open_count += 1
             server.active += 1
             if binding is not None:
                 binding.attach(last_seen)
@@ -622,7 +648,7 @@ class SessionTable(Generic[S]):
         del self._fwd[s.fkey]
         del self._rev[s.rkey]
         if s.state == 1:
-            del self._half_open[s.fkey]
+            self._left_half_open(s)
         s.server.active -= 1
         if s.binding is not None:
             s.binding.release(now)
@@ -642,18 +668,57 @@ class SessionTable(Generic[S]):
     def _change_state(self, s: Session[S], new: int, now: float) -> None:
         """``s`` moves to state ``new``: keep the half-open index and the source count in
         step."""
-        if s.state == 1:
-            del self._half_open[s.fkey]
-        elif new == 1:
-            self._half_open[s.fkey] = s  # a new SYN on a closing session: newest now
+        old = s.state
+        s.state = new
+        if old == 1:
+            self._left_half_open(s)
+        elif new == 1:  # a new SYN on a closing session: newest now, its old entry stale
+            entry: tuple[Session[S], ...] = (s,)
+            self._reentered[s] = entry
+            self._half_open.append(entry)
+            self._half_open_count += 1
         if _CLOSING[new] and s.source is not None:
             self._uncount(s, now)
-        s.state = new
+
+    def _left_half_open(self, s: Session[S]) -> None:
+        """``s`` left SYN_RECV, or the table while in it: its entry is stale now. Compacts
+        the index when the stale entries outnumber the live ones."""
+        if self._reentered:
+            self._reentered.pop(s, None)
+        n = self._half_open_count - 1
+        self._half_open_count = n
+        if len(self._half_open) > 2 * n + HALF_OPEN_SLACK:
+            self._compact_half_open()
+
+    def _live_entry(self, e: Session[S] | tuple[Session[S], ...]) -> Session[S] | None:
+        """The session of index entry ``e`` if ``e`` is its current entry, else None."""
+        if isinstance(e, tuple):
+            s = e[0]
+            if self._reentered.get(s) is not e:
+                return None
+        else:
+            s = e
+            if s in self._reentered:
+                return None
+        if s.state != 1 or self._fwd.get(s.fkey) is not s:
+            return None
+        return s
+
+    def _compact_half_open(self) -> None:
+        """Drop the stale entries of the half-open index."""
+        live = self._live_entry
+        self._half_open = deque([e for e in self._half_open if live(e) is not None])
 
     def _evict_half_open(self, now: float) -> None:
-        oldest = next(iter(self._half_open.values()))
-        self.half_open_evictions += 1
-        self.remove(oldest, "half_open_evicted", now)
+        """Remove the oldest session in SYN_RECV (skipping, and dropping, stale entries)."""
+        queue = self._half_open
+        live = self._live_entry
+        while queue:
+            s = live(queue.popleft())
+            if s is not None:
+                self.half_open_evictions += 1
+                self.remove(s, "half_open_evicted", now)
+                return
 
     def _set_state(self, s: Session[S], new: int, now: float) -> None:
         if s._slot == UNFILED:  # a stale reference to a removed session: nothing to track
