@@ -212,7 +212,9 @@ class SessionTimeouts:
 class Session(Generic[S]):
     """One flow. Fields are plain attributes the data plane reads directly.
 
-    ``fkey``/``rkey``: the forward and reverse keys; ``server``: the real server;
+    ``fkey``: the forward key; ``rkey`` (derived from ``fkey`` and ``server``: the table's
+    ``_rev`` holds the int already, a slot for it would cost 8 bytes per session): the reverse
+    key; ``server``: the real server;
     ``service``: the data plane's virtual-server runtime (opaque here); ``state``: a
     :class:`TcpState` value as a plain int; ``last_seen``: time of the last packet;
     ``binding``: the persistence binding it holds a reference on, or None; ``source``: the
@@ -220,13 +222,11 @@ class Session(Generic[S]):
     from the peer, a flow picked up mid-stream, a virtual server without limits, or closing).
     """
 
-    __slots__ = ("_slot", "binding", "fkey", "last_seen", "rkey", "server", "service", "source",
-                 "state")
+    __slots__ = ("_slot", "binding", "fkey", "last_seen", "server", "service", "source", "state")
 
     def __init__(
         self,
         fkey: int,
-        rkey: int,
         server: RealServer,
         service: S,
         state: int,
@@ -234,7 +234,6 @@ class Session(Generic[S]):
         binding: Binding[S] | None,
     ) -> None:
         self.fkey = fkey
-        self.rkey = rkey
         self.server = server
         self.service = service
         self.state = state
@@ -242,6 +241,14 @@ class Session(Generic[S]):
         self.binding = binding
         self.source: SourceEntry | None = None
         self._slot = UNFILED  # owned by the table's TimingWheel; UNFILED once removed
+
+    @property
+    def rkey(self) -> int:
+        """The reverse key: the flow as the server's packets arrive (not per packet)."""
+        f = self.fkey
+        srv = self.server
+        return _from_bytes(_pack_key(f >> 96, srv.addr, (f >> 64) & _U32, srv.port,
+                                     (f >> 16) & _U16), "big")
 
     # Derived from the keys: for APIs and tests, not the hot path.
     @property
@@ -266,11 +273,11 @@ class Session(Generic[S]):
 
     @property
     def raddr(self) -> int:
-        return (self.rkey >> 64) & _U32
+        return self.server.addr
 
     @property
     def rport(self) -> int:
-        return (self.rkey >> 16) & _U16
+        return self.server.port
 
     @property
     def tcp_state(self) -> TcpState:
@@ -499,7 +506,7 @@ class SessionTable(Generic[S]):
             if source is not None:
                 self.sources.release(source, now)
             return None
-        s: Session[S] = Session(fkey, rkey, server, service, state, now, binding)
+        s: Session[S] = Session(fkey, server, service, state, now, binding)
         if source is not None:
             if _CLOSING[state]:  # picked up mid-stream with a FIN or RST: not open
                 self.sources.release(source, now)
@@ -563,7 +570,7 @@ class SessionTable(Generic[S]):
             if len(self._fwd) >= self.max_sessions:
                 self.full_drops += 1
                 return None
-            s = Session(fkey, rkey, server, service, state, last_seen, binding)
+            s = Session(fkey, server, service, state, last_seen, binding)
             self._fwd[fkey] = s
             self._rev[rkey] = s
             if state == 1:
@@ -582,7 +589,6 @@ class SessionTable(Generic[S]):
             del self._rev[s.rkey]
             s.server.active -= 1
             s.server = server
-            s.rkey = rkey
             self._rev[rkey] = s
             server.active += 1
             changed = True

@@ -90,7 +90,6 @@ SESSION_SIZE: Final = _SESSION_IN.size
 CHECKSUM_SIZE: Final = _CHECKSUM_SIZE
 
 _U32: Final = 0xFFFFFFFF
-_U16: Final = 0xFFFF
 _IN_USE: Final = 1
 _MAX_STATE: Final = max(TcpState)
 assert _SESSION_OUT.size == _SESSION_IN.size
@@ -170,10 +169,9 @@ class SnapshotWriter:
         for s in sessions:
             if not s.in_table:
                 continue
-            rkey = s.rkey
+            srv = s.server
             idle = int((now - s.last_seen) * 1000)
-            out.append(pack(s.fkey.to_bytes(13, "big"), (rkey >> 64) & _U32,
-                            (rkey >> 16) & _U16, s.state,
+            out.append(pack(s.fkey.to_bytes(13, "big"), srv.addr, srv.port, s.state,
                             _U32 if idle > _U32 else max(idle, 0),
                             get(s.binding, NO_BINDING)))  # type: ignore[arg-type]
         self.sessions += len(out)
