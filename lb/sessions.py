@@ -42,7 +42,7 @@ import struct
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
-from typing import Final, Generic, Protocol, TypeVar
+from typing import Any, Final, Generic, Protocol, TypeVar
 
 from lb.persistence import Binding
 from lb.servers import RealServer
@@ -209,8 +209,12 @@ class SessionTimeouts:
         raise ValueError(f"unknown session state {state}")
 
 
-class Session(Generic[S]):
+class Session:
     """One flow. Fields are plain attributes the data plane reads directly.
+
+    Not generic (``service`` is ``Any``; its users annotate what they read): mypyc gives an
+    instance of a ``Generic`` class a ``__dict__`` and ``__weakref__`` pointer and checks every
+    attribute read for "undefined" (a bitmap word): 24 bytes per session.
 
     ``fkey``: the forward key; ``rkey`` (derived from ``fkey`` and ``server``: the table's
     ``_rev`` holds the int already, a slot for it would cost 8 bytes per session): the reverse
@@ -228,10 +232,10 @@ class Session(Generic[S]):
         self,
         fkey: int,
         server: RealServer,
-        service: S,
+        service: Any,
         state: int,
         last_seen: float,
-        binding: Binding[S] | None,
+        binding: Binding[Any] | None,
     ) -> None:
         self.fkey = fkey
         self.server = server
@@ -296,18 +300,18 @@ class Session(Generic[S]):
         )
 
 
-class SessionObserver(Protocol[S]):
+class SessionObserver(Protocol):
     """Sees every mutation of a :class:`SessionTable`, once each (feeds the peer-sync stream).
 
     A per-packet refresh of ``last_seen`` is not an event.
     """
 
-    def session_added(self, s: Session[S]) -> None: ...
+    def session_added(self, s: Session) -> None: ...
 
-    def session_changed(self, s: Session[S]) -> None:
+    def session_changed(self, s: Session) -> None:
         """The TCP state (or, through install, the server/service/binding) changed."""
 
-    def session_removed(self, s: Session[S], reason: str) -> None: ...
+    def session_removed(self, s: Session, reason: str) -> None: ...
 
 
 class SessionTable(Generic[S]):
@@ -349,32 +353,32 @@ class SessionTable(Generic[S]):
     client behind a NAT would refuse it for two minutes after a burst of short requests).
     """
 
-    lookup: Callable[[int], Session[S] | None]
-    lookup_reply: Callable[[int], Session[S] | None]
+    lookup: Callable[[int], Session | None]
+    lookup_reply: Callable[[int], Session | None]
 
     def __init__(
         self,
         timeouts: SessionTimeouts,
         max_sessions: int,
         tick: float = 0.1,
-        observer: SessionObserver[S] | None = None,
+        observer: SessionObserver | None = None,
         max_half_open: int | None = None,
         sources: SourceTracker | None = None,
     ) -> None:
         timeout_of = tuple(timeouts.timeout(st) for st in TcpState)
 
-        def deadline(s: Session[S], now: float) -> float:  # deadline(), without self lookups
+        def deadline(s: Session, now: float) -> float:  # deadline(), without self lookups
             return s.last_seen + timeout_of[s.state]
 
-        self._wheel: TimingWheel[Session[S]] = TimingWheel(tick, deadline)
+        self._wheel: TimingWheel[Session] = TimingWheel(tick, deadline)
         self._timeout_of = timeout_of
         self.timeout_of = timeout_of  # idle timeout by state value
         self.timeouts = timeouts
         self.max_sessions = max_sessions
         self.tick = tick
         self.observer = observer
-        self._fwd: dict[int, Session[S]] = {}
-        self._rev: dict[int, Session[S]] = {}
+        self._fwd: dict[int, Session] = {}
+        self._rev: dict[int, Session] = {}
         self.lookup = self._fwd.get
         self.lookup_reply = self._rev.get
         self.created_total = 0
@@ -388,9 +392,9 @@ class SessionTable(Generic[S]):
         # SYN_RECV sessions, oldest first, stale entries included (see the class docstring).
         # (A re-entry's 1-tuple is typed ``tuple[X, ...]``: mypyc keeps that one object, where
         # it would box a ``tuple[X]`` anew at each use and break the identity test.)
-        self._half_open: deque[Session[S] | tuple[Session[S], ...]] = deque()
+        self._half_open: deque[Session | tuple[Session, ...]] = deque()
         self._half_open_count = 0
-        self._reentered: dict[Session[S], tuple[Session[S], ...]] = {}
+        self._reentered: dict[Session, tuple[Session, ...]] = {}
         self.half_open_evictions = 0
         self.sources = (SourceTracker(max(1, max_sessions // 4)) if sources is None
                         else sources)
@@ -411,30 +415,30 @@ class SessionTable(Generic[S]):
         ``2 * half_open + HALF_OPEN_SLACK``."""
         return len(self._half_open)
 
-    def __iter__(self) -> Iterator[Session[S]]:
+    def __iter__(self) -> Iterator[Session]:
         """The sessions (do not mutate the table while iterating)."""
         return iter(self._fwd.values())
 
-    def sessions_for_server(self, server: RealServer) -> list[Session[S]]:
+    def sessions_for_server(self, server: RealServer) -> list[Session]:
         """The sessions pointing at ``server`` (a full scan: for the rare on-server-down)."""
         return [s for s in self._fwd.values() if s.server is server]
 
-    def deadline(self, s: Session[S]) -> float:
+    def deadline(self, s: Session) -> float:
         """When ``s`` expires unless a packet refreshes it."""
         return s.last_seen + self._timeout_of[s.state]
 
-    def is_reusable(self, s: Session[S]) -> bool:
+    def is_reusable(self, s: Session) -> bool:
         """Should a new SYN on the 5-tuple of ``s`` replace it (``s`` is closing, or an
         ESTABLISHED session the client has evidently left)?"""
         return _REUSABLE[s.state]
 
-    def is_closing(self, s: Session[S]) -> bool:
+    def is_closing(self, s: Session) -> bool:
         """Has ``s`` seen a FIN or RST (a TCP state in :data:`CLOSING_STATES`)?"""
         return _CLOSING[s.state]
 
     # --- per packet ----------------------------------------------------------------------
 
-    def seen_forward(self, s: Session[S], tcp_flags: int, now: float) -> None:
+    def seen_forward(self, s: Session, tcp_flags: int, now: float) -> None:
         """A packet from the client (``tcp_flags`` = 0 for non-TCP)."""
         s.last_seen = now
         state = s.state
@@ -447,7 +451,7 @@ class SessionTable(Generic[S]):
         if new != state:
             self._set_state(s, new, now)
 
-    def seen_reply(self, s: Session[S], tcp_flags: int, now: float) -> None:
+    def seen_reply(self, s: Session, tcp_flags: int, now: float) -> None:
         """A packet from the real server (``tcp_flags`` = 0 for non-TCP)."""
         s.last_seen = now
         state = s.state
@@ -475,7 +479,7 @@ class SessionTable(Generic[S]):
         now: float,
         binding: Binding[S] | None = None,
         source: SourceEntry | None = None,
-    ) -> Session[S] | None:
+    ) -> Session | None:
         """A new flow from its first (client) packet; None when refused (table full, or
         reverse key taken). The caller has checked that ``lookup`` finds no session.
 
@@ -506,7 +510,7 @@ class SessionTable(Generic[S]):
             if source is not None:
                 self.sources.release(source, now)
             return None
-        s: Session[S] = Session(fkey, server, service, state, now, binding)
+        s: Session = Session(fkey, server, service, state, now, binding)
         if source is not None:
             if _CLOSING[state]:  # picked up mid-stream with a FIN or RST: not open
                 self.sources.release(source, now)
@@ -540,7 +544,7 @@ class SessionTable(Generic[S]):
         last_seen: float,
         now: float,
         binding: Binding[S] | None = None,
-    ) -> Session[S] | None:
+    ) -> Session | None:
         """Create or update a session received from the peer; None when refused.
 
         ``last_seen`` is in this node's clock (the sync layer converts ages); an older value
@@ -611,13 +615,13 @@ class SessionTable(Generic[S]):
             self.observer.session_changed(s)
         return s
 
-    def remove(self, s: Session[S], reason: str, now: float) -> None:
+    def remove(self, s: Session, reason: str, now: float) -> None:
         """Remove ``s`` (reason e.g. "reused", "reset", "peer"); idempotent."""
         if self._wheel.discard(s):
             self._drop(s, reason, now)
 
     def expire(self, now: float, budget: int = 1000,
-               keep: Callable[[Session[S]], bool] | None = None) -> int:
+               keep: Callable[[Session], bool] | None = None) -> int:
         """Remove the sessions whose deadline is ``<= now`` (reason "expired").
 
         Touches at most ``budget`` sessions; the next call resumes where this one stopped.
@@ -649,7 +653,7 @@ class SessionTable(Generic[S]):
 
     # --- internals -----------------------------------------------------------------------
 
-    def _drop(self, s: Session[S], reason: str, now: float) -> None:
+    def _drop(self, s: Session, reason: str, now: float) -> None:
         """Take ``s``, already out of the wheel, out of everything else."""
         del self._fwd[s.fkey]
         del self._rev[s.rkey]
@@ -664,14 +668,14 @@ class SessionTable(Generic[S]):
         if self.observer is not None:
             self.observer.session_removed(s, reason)
 
-    def _uncount(self, s: Session[S], now: float) -> None:
+    def _uncount(self, s: Session, now: float) -> None:
         """``s`` stops counting against its source: the one place a count is given back."""
         e = s.source
         if e is not None:
             s.source = None
             self.sources.release(e, now)
 
-    def _change_state(self, s: Session[S], new: int, now: float) -> None:
+    def _change_state(self, s: Session, new: int, now: float) -> None:
         """``s`` moves to state ``new``: keep the half-open index and the source count in
         step."""
         old = s.state
@@ -679,14 +683,14 @@ class SessionTable(Generic[S]):
         if old == 1:
             self._left_half_open(s)
         elif new == 1:  # a new SYN on a closing session: newest now, its old entry stale
-            entry: tuple[Session[S], ...] = (s,)
+            entry: tuple[Session, ...] = (s,)
             self._reentered[s] = entry
             self._half_open.append(entry)
             self._half_open_count += 1
         if _CLOSING[new] and s.source is not None:
             self._uncount(s, now)
 
-    def _left_half_open(self, s: Session[S]) -> None:
+    def _left_half_open(self, s: Session) -> None:
         """``s`` left SYN_RECV, or the table while in it: its entry is stale now. Compacts
         the index when the stale entries outnumber the live ones."""
         if self._reentered:
@@ -696,7 +700,7 @@ class SessionTable(Generic[S]):
         if len(self._half_open) > 2 * n + HALF_OPEN_SLACK:
             self._compact_half_open()
 
-    def _live_entry(self, e: Session[S] | tuple[Session[S], ...]) -> Session[S] | None:
+    def _live_entry(self, e: Session | tuple[Session, ...]) -> Session | None:
         """The session of index entry ``e`` if ``e`` is its current entry, else None."""
         if isinstance(e, tuple):
             s = e[0]
@@ -726,7 +730,7 @@ class SessionTable(Generic[S]):
                 self.remove(s, "half_open_evicted", now)
                 return
 
-    def _set_state(self, s: Session[S], new: int, now: float) -> None:
+    def _set_state(self, s: Session, new: int, now: float) -> None:
         if s._slot == UNFILED:  # a stale reference to a removed session: nothing to track
             return
         self._change_state(s, new, now)

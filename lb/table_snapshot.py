@@ -161,7 +161,7 @@ class SnapshotWriter:
         self.bindings = len(index)
         self._parts.append(b"".join(out))
 
-    def add_sessions(self, sessions: Iterable[Session[Any]]) -> None:
+    def add_sessions(self, sessions: Iterable[Session]) -> None:
         """A chunk of sessions (call as often as needed, after :meth:`add_bindings`)."""
         self._sessions_started = True
         now, get, out = self.now, self._index.get, []
@@ -203,7 +203,7 @@ class SnapshotWriter:
 
 
 def encode(digest: bytes, written_at: float, now: float, bindings: Iterable[Binding[Any]],
-           sessions: Iterable[Session[Any]]) -> bytes:
+           sessions: Iterable[Session]) -> bytes:
     """The whole snapshot in one call (tests, small tables)."""
     w = SnapshotWriter(digest, written_at, now)
     w.add_bindings(bindings)
@@ -378,7 +378,7 @@ def _sessions(body: memoryview, nb: int, age: float, timeouts: SessionTimeouts
 class Installed:
     """What :func:`install` put in the tables, and what it could not, by reason."""
 
-    sessions: list[Session[Service]]
+    sessions: list[Session]
     bindings: list[Binding[Service]]
     skipped: dict[str, int]
 
@@ -415,7 +415,7 @@ def install(restored: Restored, sessions: SessionTable[Service],
             else:
                 got_b.append(b)
         objs.append(b)
-    got_s: list[Session[Service]] = []
+    got_s: list[Session] = []
     # (proto, vaddr, vport, raddr, rport) -> (service, server) or why not: a table has a few
     # services and servers, and 10⁶ sessions.
     where: dict[tuple[int, int, int, int, int], tuple[Service, RealServer] | str] = {}

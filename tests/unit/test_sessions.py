@@ -54,19 +54,19 @@ def servers(n: int = 2) -> list[RealServer]:
 class Recorder:
     """Observer that records every event and keeps a shadow copy of the table."""
 
-    events: list[tuple[str, Session[str], str]] = field(default_factory=list)
-    live: dict[int, Session[str]] = field(default_factory=dict)
+    events: list[tuple[str, Session, str]] = field(default_factory=list)
+    live: dict[int, Session] = field(default_factory=dict)
 
-    def session_added(self, s: Session[str]) -> None:
+    def session_added(self, s: Session) -> None:
         assert s.fkey not in self.live
         self.live[s.fkey] = s
         self.events.append(("added", s, ""))
 
-    def session_changed(self, s: Session[str]) -> None:
+    def session_changed(self, s: Session) -> None:
         assert self.live[s.fkey] is s
         self.events.append(("changed", s, s.tcp_state.name))
 
-    def session_removed(self, s: Session[str], reason: str) -> None:
+    def session_removed(self, s: Session, reason: str) -> None:
         assert self.live.pop(s.fkey) is s
         self.events.append(("removed", s, reason))
 
@@ -86,7 +86,7 @@ def table(
 
 def open_tcp(
     t: SessionTable[str], srv: RealServer, cport: int = 40000, now: float = 0.0
-) -> Session[str]:
+) -> Session:
     s = t.create(TCP, CLIENT, cport, VIP, 80, srv, SVC, TCP_SYN, now)
     assert s is not None
     return s
@@ -537,7 +537,7 @@ def test_random_schedule_expires_on_time(seed: int, tick: float) -> None:
     now = 0.0
 
     class Checker(Recorder):
-        def session_removed(self, s: Session[str], reason: str) -> None:
+        def session_removed(self, s: Session, reason: str) -> None:
             assert reason == "expired"
             assert t.deadline(s) <= now
             super().session_removed(s, reason)
@@ -640,14 +640,14 @@ class SessionModel(RuleBasedStateMachine):
         self.counted: set[int] = set()  # ids of the entries handed to create()
 
     # observer: check "never early" at the moment of removal, then record
-    def session_added(self, s: Session[str]) -> None:
+    def session_added(self, s: Session) -> None:
         self.rec.session_added(s)
 
-    def session_changed(self, s: Session[str]) -> None:
+    def session_changed(self, s: Session) -> None:
         self.changes += 1
         self.rec.session_changed(s)
 
-    def session_removed(self, s: Session[str], reason: str) -> None:
+    def session_removed(self, s: Session, reason: str) -> None:
         if reason == "expired":
             assert self.table.deadline(s) <= self.now
         assert s.source is None  # its count was given back before anyone hears of it
@@ -723,7 +723,7 @@ class SessionModel(RuleBasedStateMachine):
         assert t.half_open == sum(1 for s in t if s.tcp_state is TcpState.SYN_RECV) <= 6
         assert t.half_open_evictions == sum(1 for e in self.rec.events
                                             if e[2] == "half_open_evicted")
-        holders: dict[int, list[Session[str]]] = {}
+        holders: dict[int, list[Session]] = {}
         for s in t:
             if s.source is not None:
                 assert not t.is_closing(s)  # a closing session no longer counts
@@ -755,7 +755,7 @@ class HalfOpenModel(RuleBasedStateMachine):
         self.now = 0.0
         self.table: SessionTable[str] = SessionTable(SMALL, 8, 0.1, self.rec, max_half_open=3)
         self.servers = servers(2)
-        self.order: list[Session[str]] = []  # the reference: half-open, oldest first
+        self.order: list[Session] = []  # the reference: half-open, oldest first
 
     def _run(self, op: Callable[[], object]) -> None:
         t = self.table
@@ -773,7 +773,7 @@ class HalfOpenModel(RuleBasedStateMachine):
         self.order = [s for s in self.order if id(s) in live]
         self.order += [s for s in t if id(s) in live and id(s) not in known]  # at most one
 
-    def _find(self, cport: int) -> Session[str] | None:
+    def _find(self, cport: int) -> Session | None:
         return self.table.lookup(flow_key(TCP, CLIENT, cport, VIP, 80))
 
     @rule(cport=st.integers(1, 10), server=st.integers(0, 1),
@@ -866,7 +866,7 @@ KEY = source_key(1, CLIENT)
 
 
 def _counted(t: SessionTable[str], srv: RealServer, cport: int, now: float = 0.0,
-             flags: int = TCP_SYN) -> Session[str]:
+             flags: int = TCP_SYN) -> Session:
     source = t.sources.admit(KEY, LIMITS, now)
     assert isinstance(source, SourceEntry)
     s = t.create(TCP, CLIENT, cport, VIP, 80, srv, SVC, flags, now, source=source)
@@ -874,35 +874,35 @@ def _counted(t: SessionTable[str], srv: RealServer, cport: int, now: float = 0.0
     return s
 
 
-def _out_by_expiry(t: SessionTable[str], s: Session[str]) -> None:
+def _out_by_expiry(t: SessionTable[str], s: Session) -> None:
     t.expire(t.deadline(s) + 1, budget=10**6)
 
 
-def _out_by_rst(t: SessionTable[str], s: Session[str]) -> None:
+def _out_by_rst(t: SessionTable[str], s: Session) -> None:
     t.seen_forward(s, TCP_ACK, 0.5)  # (a client's RST in SYN_RECV leaves it there, as IPVS)
     t.seen_forward(s, TCP_RST, 1.0)
 
 
-def _out_by_fin(t: SessionTable[str], s: Session[str]) -> None:
+def _out_by_fin(t: SessionTable[str], s: Session) -> None:
     t.seen_forward(s, TCP_ACK, 0.5)
     t.seen_reply(s, FINACK, 1.0)
 
 
-def _out_by_server_rst(t: SessionTable[str], s: Session[str]) -> None:
+def _out_by_server_rst(t: SessionTable[str], s: Session) -> None:
     t.seen_reply(s, RSTACK, 1.0)
 
 
-def _out_by_eviction(t: SessionTable[str], s: Session[str]) -> None:
+def _out_by_eviction(t: SessionTable[str], s: Session) -> None:
     for port in range(2, 6):  # max_half_open is 2 below: the oldest (s) goes first
         t.create(TCP, CLIENT + 1, port, VIP, 80, s.server, SVC, TCP_SYN, 1.0)
 
 
-def _out_by_remove(t: SessionTable[str], s: Session[str]) -> None:
+def _out_by_remove(t: SessionTable[str], s: Session) -> None:
     t.remove(s, "killed", 1.0)  # lbctl kill-sessions, reset on server down, reuse
     t.remove(s, "killed", 1.0)  # idempotent: nothing given back twice
 
 
-def _out_by_peer_sweep(t: SessionTable[str], s: Session[str]) -> None:
+def _out_by_peer_sweep(t: SessionTable[str], s: Session) -> None:
     t.remove(s, "peer", 1.0)  # a peer's snapshot that did not carry it
 
 
@@ -911,7 +911,7 @@ def _out_by_peer_sweep(t: SessionTable[str], s: Session[str]) -> None:
                                    _out_by_peer_sweep],
                          ids=lambda f: f.__name__.removeprefix("_out_by_"))
 def test_a_session_gives_its_source_count_back_once_however_it_goes(
-        leave: Callable[[SessionTable[str], Session[str]], None]) -> None:
+        leave: Callable[[SessionTable[str], Session], None]) -> None:
     t: SessionTable[str] = SessionTable(SessionTimeouts(), 100, max_half_open=2)
     srv = servers(1)[0]
     keep = _counted(t, srv, 1)
