@@ -2,10 +2,11 @@
 count what it allocated.
 
 What is counted: everything allocated while the sessions are created, that is still alive
-afterwards — the Session objects, their int keys and float timestamps, both index dicts and the
-timing-wheel lists. Sessions are TCP flows from distinct client addresses and ports to one VIP,
-spread over three real servers and over the expiry wheel as a steady stream of new connections
-would be (one second of creation time per 10,000 sessions).
+afterwards — the Session objects, their int keys and float timestamps (boxed in pure Python
+only), both index dicts, the half-open index and the timing-wheel lists. Sessions are TCP
+flows from distinct client addresses and ports to one VIP, spread over three real servers and
+over the expiry wheel as a steady stream of new connections would be (one second of creation
+time per 10,000 sessions).
 """
 
 from __future__ import annotations

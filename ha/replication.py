@@ -83,7 +83,7 @@ class Replicator:
 
     def __init__(self, sessions: SessionTable[Service], persistence: PersistenceTable[Service],
                  services: Callable[[], ServiceSet], clock: Callable[[], float],
-                 on_installed: Callable[[Session[Service]], None] | None = None,
+                 on_installed: Callable[[Session], None] | None = None,
                  wake: Callable[[], None] = lambda: None) -> None:
         self.sessions = sessions
         self.persistence = persistence
@@ -113,13 +113,13 @@ class Replicator:
         self.skipped: dict[str, int] = {}
 
     # ---- outbound: table observers ----------------------------------------------------------
-    def session_added(self, s: Session[Service]) -> None:
+    def session_added(self, s: Session) -> None:
         if self.connected and s.service.owned:
             self._push(self._session_record(s))
 
     session_changed = session_added
 
-    def session_removed(self, s: Session[Service], reason: str) -> None:
+    def session_removed(self, s: Session, reason: str) -> None:
         if self._provisional_s and (mine := self._provisional_s.get(s.service.owner)):
             mine.discard(s.fkey)
         if self.connected and s.service.owned:
@@ -138,7 +138,7 @@ class Replicator:
             svc = b.service
             self._push(BindingGone(svc.proto, svc.vaddr, svc.vport, b.client_net))
 
-    def reply_seen(self, s: Session[Service], flags: int) -> None:
+    def reply_seen(self, s: Session, flags: int) -> None:
         """The data plane forwarded a reply of a session this node does not own."""
         if self.connected:
             self.replies_reported += 1
@@ -186,7 +186,7 @@ class Replicator:
         chunk.append(SnapshotEnd(n_s, n_b))
         yield chunk
 
-    def _session_record(self, s: Session[Service]) -> SessionRecord:
+    def _session_record(self, s: Session) -> SessionRecord:
         return SessionRecord(s.proto, s.caddr, s.cport, s.vaddr, s.vport, s.raddr, s.rport,
                              s.state, max(0.0, self.clock() - s.last_seen))
 
@@ -197,7 +197,7 @@ class Replicator:
                              b.server.port, b.timeout, idle)
 
     # ---- expiry -----------------------------------------------------------------------------
-    def keep(self, entry: Session[Service] | Binding[Service]) -> bool:
+    def keep(self, entry: Session | Binding[Service]) -> bool:
         """Should a due session or binding stay? Yes for the peer's copies while the peer's
         stream is up (their owner sends the removal), unless it is a provisional entry
         restored from disk that the peer never confirmed."""
@@ -208,7 +208,7 @@ class Replicator:
         return (entry.service.key, entry.client_net) not in self._provisional_b
 
     # ---- restored from disk -----------------------------------------------------------------
-    def restored(self, sessions: Iterable[Session[Service]],
+    def restored(self, sessions: Iterable[Session],
                  bindings: Iterable[Binding[Service]]) -> None:
         """These entries were installed from this node's snapshot on disk: provisional."""
         by_instance = self._provisional_s

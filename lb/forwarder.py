@@ -72,13 +72,13 @@ DROP_REASONS = ("no_session", "no_service", "no_server", "table_full", "flow_con
 
 
 class SessionEvents(Protocol):
-    def session_added(self, s: Session[Service]) -> None: ...
-    def session_changed(self, s: Session[Service]) -> None: ...
-    def session_removed(self, s: Session[Service], reason: str) -> None: ...
+    def session_added(self, s: Session) -> None: ...
+    def session_changed(self, s: Session) -> None: ...
+    def session_removed(self, s: Session, reason: str) -> None: ...
 
 
 class PeerReports(Protocol):
-    def reply_seen(self, s: Session[Service], flags: int) -> None: ...
+    def reply_seen(self, s: Session, flags: int) -> None: ...
 
 
 class ServiceCounts:
@@ -88,18 +88,18 @@ class ServiceCounts:
     def __init__(self, downstream: SessionEvents | None = None) -> None:
         self.downstream = downstream
 
-    def session_added(self, s: Session[Service]) -> None:
-        svc = s.service
+    def session_added(self, s: Session) -> None:
+        svc: Service = s.service
         svc.active += 1
         if self.downstream is not None:
             self.downstream.session_added(s)
 
-    def session_changed(self, s: Session[Service]) -> None:
+    def session_changed(self, s: Session) -> None:
         if self.downstream is not None:
             self.downstream.session_changed(s)
 
-    def session_removed(self, s: Session[Service], reason: str) -> None:
-        svc = s.service
+    def session_removed(self, s: Session, reason: str) -> None:
+        svc: Service = s.service
         svc.active -= 1
         if self.downstream is not None:
             self.downstream.session_removed(s, reason)
@@ -185,7 +185,7 @@ class Forwarder:
                     self.out_len = 0
                     return DROP  # held, not dropped: counted by the hold
                 return self.drop("no_session")
-        svc = s.service
+        svc: Service = s.service
         if svc.owned:
             self.sessions.seen_reply(s, flags, now)
         elif flags & (FIN | RST):
@@ -201,7 +201,7 @@ class Forwarder:
         return FORWARD
 
     def _infer(self, proto: int, saddr: int, sport: int, daddr: int, dport: int, flags: int,
-               now: float) -> Session[Service] | None:
+               now: float) -> Session | None:
         """A reply from server ``saddr:sport`` to client ``daddr:dport`` that no session knows,
         with the peer's stream down: the peer's flow, if exactly one virtual server the peer
         masters has this server (otherwise which VIP to answer from is unknown: None)."""
@@ -225,13 +225,13 @@ class Forwarder:
             self.replies_inferred += 1
         return s
 
-    def release_held(self, s: Session[Service], now: float) -> int:
+    def release_held(self, s: Session, now: float) -> int:
         """The peer's record for ``s`` arrived: rewrite the replies held for it into
         ``ready``. Returns how many."""
         if self.hold is None:
             return 0
         packets = self.hold.take(s.rkey, now)
-        svc = s.service
+        svc: Service = s.service
         for pkt in packets:
             buf = bytearray(pkt)
             r = parse(buf, VNET_HDR_LEN, len(buf))
@@ -258,7 +258,7 @@ class Forwarder:
     # ---- new flows --------------------------------------------------------------------------
     def _new_session(self, buf: bytearray, off: int, end: int, proto: int, saddr: int,
                      sport: int, daddr: int, dport: int, flags: int, now: float,
-                     reused: Session[Service] | None) -> Session[Service] | None:
+                     reused: Session | None) -> Session | None:
         """Schedule and create the session of a new flow (replacing ``reused``, a closing
         session with the same 5-tuple), or refuse it. A refused flow changes no table: the
         checks that can refuse it all run before anything is removed, bound or rebound."""
@@ -402,7 +402,7 @@ class Forwarder:
             s = self.sessions.lookup_reply(key)
             if s is None:
                 return self.drop("icmp_no_session")
-            svc = s.service
+            svc: Service = s.service
             translate_icmp_error_from_server(buf, off, end, iip, il4, iproto, svc.vaddr,
                                              svc.vport)
             self.packets_out += 1

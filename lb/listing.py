@@ -67,12 +67,12 @@ class Filter:
                    client_port=client_port, state=state)
 
 
-def _state_name(s: Session[Service]) -> str:
+def _state_name(s: Session) -> str:
     return TcpState(s.state).name if s.proto == 6 else "UDP"
 
 
-def session_filter(f: Filter) -> Callable[[Session[Service]], bool]:
-    def keep(s: Session[Service]) -> bool:
+def session_filter(f: Filter) -> Callable[[Session], bool]:
+    def keep(s: Session) -> bool:
         if not s.in_table:
             return False
         if f.virtual is not None and s.service.name != f.virtual:
@@ -101,7 +101,7 @@ def binding_filter(f: Filter) -> Callable[[Binding[Service]], bool]:
     return keep
 
 
-def render_session(s: Session[Service], deadline: float, now: float) -> dict[str, Any]:
+def render_session(s: Session, deadline: float, now: float) -> dict[str, Any]:
     return {
         "protocol": PROTO_NAMES.get(s.proto, str(s.proto)),
         "client": endpoint(s.caddr, s.cport),

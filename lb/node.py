@@ -408,7 +408,7 @@ class Node:
             elif isinstance(ev, PeerSnapshotComplete) and self.ha is not None:
                 self.ha.pools_changed()  # the takeover gate opened: use our priority now
 
-    def _installed(self, s: Session[Service]) -> None:
+    def _installed(self, s: Session) -> None:
         """The peer's record for ``s`` was installed: send the replies held for it."""
         if self.forwarder.release_held(s, time.monotonic()) and self.dataplane is not None:
             self.dataplane.write_ready()

@@ -39,9 +39,10 @@ from __future__ import annotations
 
 import enum
 import struct
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
-from typing import Final, Generic, Protocol, TypeVar
+from typing import Any, Final, Generic, Protocol, TypeVar
 
 from lb.persistence import Binding
 from lb.servers import RealServer
@@ -171,6 +172,8 @@ _NEXT_OUTPUT: Final = _compile("output")
 _N_STATES: Final = len(TcpState)  # Enum.__len__ is a Python call: not per install
 _REUSABLE: Final = tuple(st in REUSABLE_STATES for st in TcpState)
 _CLOSING: Final = tuple(st in CLOSING_STATES for st in TcpState)
+#: Stale entries the half-open index may hold beyond the live ones before it is compacted.
+HALF_OPEN_SLACK: Final = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,10 +209,16 @@ class SessionTimeouts:
         raise ValueError(f"unknown session state {state}")
 
 
-class Session(Generic[S]):
+class Session:
     """One flow. Fields are plain attributes the data plane reads directly.
 
-    ``fkey``/``rkey``: the forward and reverse keys; ``server``: the real server;
+    Not generic (``service`` is ``Any``; its users annotate what they read): mypyc gives an
+    instance of a ``Generic`` class a ``__dict__`` and ``__weakref__`` pointer and checks every
+    attribute read for "undefined" (a bitmap word): 24 bytes per session.
+
+    ``fkey``: the forward key; ``rkey`` (derived from ``fkey`` and ``server``: the table's
+    ``_rev`` holds the int already, a slot for it would cost 8 bytes per session): the reverse
+    key; ``server``: the real server;
     ``service``: the data plane's virtual-server runtime (opaque here); ``state``: a
     :class:`TcpState` value as a plain int; ``last_seen``: time of the last packet;
     ``binding``: the persistence binding it holds a reference on, or None; ``source``: the
@@ -217,21 +226,18 @@ class Session(Generic[S]):
     from the peer, a flow picked up mid-stream, a virtual server without limits, or closing).
     """
 
-    __slots__ = ("_slot", "binding", "fkey", "last_seen", "rkey", "server", "service", "source",
-                 "state")
+    __slots__ = ("_slot", "binding", "fkey", "last_seen", "server", "service", "source", "state")
 
     def __init__(
         self,
         fkey: int,
-        rkey: int,
         server: RealServer,
-        service: S,
+        service: Any,
         state: int,
         last_seen: float,
-        binding: Binding[S] | None,
+        binding: Binding[Any] | None,
     ) -> None:
         self.fkey = fkey
-        self.rkey = rkey
         self.server = server
         self.service = service
         self.state = state
@@ -239,6 +245,14 @@ class Session(Generic[S]):
         self.binding = binding
         self.source: SourceEntry | None = None
         self._slot = UNFILED  # owned by the table's TimingWheel; UNFILED once removed
+
+    @property
+    def rkey(self) -> int:
+        """The reverse key: the flow as the server's packets arrive (not per packet)."""
+        f = self.fkey
+        srv = self.server
+        return _from_bytes(_pack_key(f >> 96, srv.addr, (f >> 64) & _U32, srv.port,
+                                     (f >> 16) & _U16), "big")
 
     # Derived from the keys: for APIs and tests, not the hot path.
     @property
@@ -263,11 +277,11 @@ class Session(Generic[S]):
 
     @property
     def raddr(self) -> int:
-        return (self.rkey >> 64) & _U32
+        return self.server.addr
 
     @property
     def rport(self) -> int:
-        return (self.rkey >> 16) & _U16
+        return self.server.port
 
     @property
     def tcp_state(self) -> TcpState:
@@ -286,18 +300,18 @@ class Session(Generic[S]):
         )
 
 
-class SessionObserver(Protocol[S]):
+class SessionObserver(Protocol):
     """Sees every mutation of a :class:`SessionTable`, once each (feeds the peer-sync stream).
 
     A per-packet refresh of ``last_seen`` is not an event.
     """
 
-    def session_added(self, s: Session[S]) -> None: ...
+    def session_added(self, s: Session) -> None: ...
 
-    def session_changed(self, s: Session[S]) -> None:
+    def session_changed(self, s: Session) -> None:
         """The TCP state (or, through install, the server/service/binding) changed."""
 
-    def session_removed(self, s: Session[S], reason: str) -> None: ...
+    def session_removed(self, s: Session, reason: str) -> None: ...
 
 
 class SessionTable(Generic[S]):
@@ -319,6 +333,16 @@ class SessionTable(Generic[S]):
     turn comes (a slot lives ``max_half_open`` / flood rate seconds), and established
     sessions are never touched.
 
+    The arrival order is a deque of sessions with lazy deletion: a session that leaves
+    SYN_RECV or the table stays in it, stale, and is skipped when it reaches the front; a
+    session that enters SYN_RECV again (a SYN on a closing session, or the peer's record of a
+    new flow on a reused 5-tuple) is queued anew, wrapped in a 1-tuple that
+    ``_reentered`` names as its current entry, so that its older entry is stale too.
+    ``half_open`` is an exact count kept on every way into and out of SYN_RECV; when the
+    stale entries exceed the live ones (by more than :data:`HALF_OPEN_SLACK`) the deque is
+    compacted, so it holds at most ``2 * half_open + HALF_OPEN_SLACK`` entries
+    (``half_open_index``), 8 bytes each, at amortised O(1) work per session.
+
     ``sources`` (:class:`lb.source_limits.SourceTracker`, by default one of ``max_sessions``
     / 4 entries) holds the per-source counts of the sessions this node opened
     (:meth:`create` with ``source``). A counted session gives its count back exactly once
@@ -329,32 +353,32 @@ class SessionTable(Generic[S]):
     client behind a NAT would refuse it for two minutes after a burst of short requests).
     """
 
-    lookup: Callable[[int], Session[S] | None]
-    lookup_reply: Callable[[int], Session[S] | None]
+    lookup: Callable[[int], Session | None]
+    lookup_reply: Callable[[int], Session | None]
 
     def __init__(
         self,
         timeouts: SessionTimeouts,
         max_sessions: int,
         tick: float = 0.1,
-        observer: SessionObserver[S] | None = None,
+        observer: SessionObserver | None = None,
         max_half_open: int | None = None,
         sources: SourceTracker | None = None,
     ) -> None:
         timeout_of = tuple(timeouts.timeout(st) for st in TcpState)
 
-        def deadline(s: Session[S], now: float) -> float:  # deadline(), without self lookups
+        def deadline(s: Session, now: float) -> float:  # deadline(), without self lookups
             return s.last_seen + timeout_of[s.state]
 
-        self._wheel: TimingWheel[Session[S]] = TimingWheel(tick, deadline)
+        self._wheel: TimingWheel[Session] = TimingWheel(tick, deadline)
         self._timeout_of = timeout_of
         self.timeout_of = timeout_of  # idle timeout by state value
         self.timeouts = timeouts
         self.max_sessions = max_sessions
         self.tick = tick
         self.observer = observer
-        self._fwd: dict[int, Session[S]] = {}
-        self._rev: dict[int, Session[S]] = {}
+        self._fwd: dict[int, Session] = {}
+        self._rev: dict[int, Session] = {}
         self.lookup = self._fwd.get
         self.lookup_reply = self._rev.get
         self.created_total = 0
@@ -365,7 +389,12 @@ class SessionTable(Generic[S]):
         self.conflict_drops = 0
         self.max_half_open = (max(1, max_sessions // 8) if max_half_open is None
                               else max_half_open)
-        self._half_open: dict[int, Session[S]] = {}  # SYN_RECV sessions, oldest first
+        # SYN_RECV sessions, oldest first, stale entries included (see the class docstring).
+        # (A re-entry's 1-tuple is typed ``tuple[X, ...]``: mypyc keeps that one object, where
+        # it would box a ``tuple[X]`` anew at each use and break the identity test.)
+        self._half_open: deque[Session | tuple[Session, ...]] = deque()
+        self._half_open_count = 0
+        self._reentered: dict[Session, tuple[Session, ...]] = {}
         self.half_open_evictions = 0
         self.sources = (SourceTracker(max(1, max_sessions // 4)) if sources is None
                         else sources)
@@ -378,32 +407,38 @@ class SessionTable(Generic[S]):
     @property
     def half_open(self) -> int:
         """Sessions in SYN_RECV now."""
+        return self._half_open_count
+
+    @property
+    def half_open_index(self) -> int:
+        """Entries in the half-open index, stale ones included: at most
+        ``2 * half_open + HALF_OPEN_SLACK``."""
         return len(self._half_open)
 
-    def __iter__(self) -> Iterator[Session[S]]:
+    def __iter__(self) -> Iterator[Session]:
         """The sessions (do not mutate the table while iterating)."""
         return iter(self._fwd.values())
 
-    def sessions_for_server(self, server: RealServer) -> list[Session[S]]:
+    def sessions_for_server(self, server: RealServer) -> list[Session]:
         """The sessions pointing at ``server`` (a full scan: for the rare on-server-down)."""
         return [s for s in self._fwd.values() if s.server is server]
 
-    def deadline(self, s: Session[S]) -> float:
+    def deadline(self, s: Session) -> float:
         """When ``s`` expires unless a packet refreshes it."""
         return s.last_seen + self._timeout_of[s.state]
 
-    def is_reusable(self, s: Session[S]) -> bool:
+    def is_reusable(self, s: Session) -> bool:
         """Should a new SYN on the 5-tuple of ``s`` replace it (``s`` is closing, or an
         ESTABLISHED session the client has evidently left)?"""
         return _REUSABLE[s.state]
 
-    def is_closing(self, s: Session[S]) -> bool:
+    def is_closing(self, s: Session) -> bool:
         """Has ``s`` seen a FIN or RST (a TCP state in :data:`CLOSING_STATES`)?"""
         return _CLOSING[s.state]
 
     # --- per packet ----------------------------------------------------------------------
 
-    def seen_forward(self, s: Session[S], tcp_flags: int, now: float) -> None:
+    def seen_forward(self, s: Session, tcp_flags: int, now: float) -> None:
         """A packet from the client (``tcp_flags`` = 0 for non-TCP)."""
         s.last_seen = now
         state = s.state
@@ -416,7 +451,7 @@ class SessionTable(Generic[S]):
         if new != state:
             self._set_state(s, new, now)
 
-    def seen_reply(self, s: Session[S], tcp_flags: int, now: float) -> None:
+    def seen_reply(self, s: Session, tcp_flags: int, now: float) -> None:
         """A packet from the real server (``tcp_flags`` = 0 for non-TCP)."""
         s.last_seen = now
         state = s.state
@@ -444,7 +479,7 @@ class SessionTable(Generic[S]):
         now: float,
         binding: Binding[S] | None = None,
         source: SourceEntry | None = None,
-    ) -> Session[S] | None:
+    ) -> Session | None:
         """A new flow from its first (client) packet; None when refused (table full, or
         reverse key taken). The caller has checked that ``lookup`` finds no session.
 
@@ -466,16 +501,16 @@ class SessionTable(Generic[S]):
             state = 1
         else:  # picked up mid-stream: established, then this packet's own event
             state = _NEXT_INPUT[(2 << 5) | (tcp_flags & 0x17)]
-        half_open = self._half_open
-        if state == 1 and half_open and (len(half_open) >= self.max_half_open
-                                         or len(self._fwd) >= self.max_sessions):
+        if state == 1 and self._half_open_count and (
+                self._half_open_count >= self.max_half_open
+                or len(self._fwd) >= self.max_sessions):
             self._evict_half_open(now)
         if len(self._fwd) >= self.max_sessions:
             self.full_drops += 1
             if source is not None:
                 self.sources.release(source, now)
             return None
-        s: Session[S] = Session(fkey, rkey, server, service, state, now, binding)
+        s: Session = Session(fkey, server, service, state, now, binding)
         if source is not None:
             if _CLOSING[state]:  # picked up mid-stream with a FIN or RST: not open
                 self.sources.release(source, now)
@@ -484,7 +519,8 @@ class SessionTable(Generic[S]):
         self._fwd[fkey] = s
         self._rev[rkey] = s
         if state == 1:
-            half_open[fkey] = s
+            self._half_open.append(s)
+            self._half_open_count += 1
         server.active += 1
         server.created_total += 1
         if binding is not None:
@@ -508,7 +544,7 @@ class SessionTable(Generic[S]):
         last_seen: float,
         now: float,
         binding: Binding[S] | None = None,
-    ) -> Session[S] | None:
+    ) -> Session | None:
         """Create or update a session received from the peer; None when refused.
 
         ``last_seen`` is in this node's clock (the sync layer converts ages); an older value
@@ -538,11 +574,12 @@ class SessionTable(Generic[S]):
             if len(self._fwd) >= self.max_sessions:
                 self.full_drops += 1
                 return None
-            s = Session(fkey, rkey, server, service, state, last_seen, binding)
+            s = Session(fkey, server, service, state, last_seen, binding)
             self._fwd[fkey] = s
             self._rev[rkey] = s
             if state == 1:
-                self._half_open[fkey] = s
+                self._half_open.append(s)
+                self._half_open_count += 1
             server.active += 1
             if binding is not None:
                 binding.attach(last_seen)
@@ -556,7 +593,6 @@ class SessionTable(Generic[S]):
             del self._rev[s.rkey]
             s.server.active -= 1
             s.server = server
-            s.rkey = rkey
             self._rev[rkey] = s
             server.active += 1
             changed = True
@@ -579,13 +615,13 @@ class SessionTable(Generic[S]):
             self.observer.session_changed(s)
         return s
 
-    def remove(self, s: Session[S], reason: str, now: float) -> None:
+    def remove(self, s: Session, reason: str, now: float) -> None:
         """Remove ``s`` (reason e.g. "reused", "reset", "peer"); idempotent."""
         if self._wheel.discard(s):
             self._drop(s, reason, now)
 
     def expire(self, now: float, budget: int = 1000,
-               keep: Callable[[Session[S]], bool] | None = None) -> int:
+               keep: Callable[[Session], bool] | None = None) -> int:
         """Remove the sessions whose deadline is ``<= now`` (reason "expired").
 
         Touches at most ``budget`` sessions; the next call resumes where this one stopped.
@@ -617,12 +653,12 @@ class SessionTable(Generic[S]):
 
     # --- internals -----------------------------------------------------------------------
 
-    def _drop(self, s: Session[S], reason: str, now: float) -> None:
+    def _drop(self, s: Session, reason: str, now: float) -> None:
         """Take ``s``, already out of the wheel, out of everything else."""
         del self._fwd[s.fkey]
         del self._rev[s.rkey]
         if s.state == 1:
-            del self._half_open[s.fkey]
+            self._left_half_open(s)
         s.server.active -= 1
         if s.binding is not None:
             s.binding.release(now)
@@ -632,30 +668,69 @@ class SessionTable(Generic[S]):
         if self.observer is not None:
             self.observer.session_removed(s, reason)
 
-    def _uncount(self, s: Session[S], now: float) -> None:
+    def _uncount(self, s: Session, now: float) -> None:
         """``s`` stops counting against its source: the one place a count is given back."""
         e = s.source
         if e is not None:
             s.source = None
             self.sources.release(e, now)
 
-    def _change_state(self, s: Session[S], new: int, now: float) -> None:
+    def _change_state(self, s: Session, new: int, now: float) -> None:
         """``s`` moves to state ``new``: keep the half-open index and the source count in
         step."""
-        if s.state == 1:
-            del self._half_open[s.fkey]
-        elif new == 1:
-            self._half_open[s.fkey] = s  # a new SYN on a closing session: newest now
+        old = s.state
+        s.state = new
+        if old == 1:
+            self._left_half_open(s)
+        elif new == 1:  # a new SYN on a closing session: newest now, its old entry stale
+            entry: tuple[Session, ...] = (s,)
+            self._reentered[s] = entry
+            self._half_open.append(entry)
+            self._half_open_count += 1
         if _CLOSING[new] and s.source is not None:
             self._uncount(s, now)
-        s.state = new
+
+    def _left_half_open(self, s: Session) -> None:
+        """``s`` left SYN_RECV, or the table while in it: its entry is stale now. Compacts
+        the index when the stale entries outnumber the live ones."""
+        if self._reentered:
+            self._reentered.pop(s, None)
+        n = self._half_open_count - 1
+        self._half_open_count = n
+        if len(self._half_open) > 2 * n + HALF_OPEN_SLACK:
+            self._compact_half_open()
+
+    def _live_entry(self, e: Session | tuple[Session, ...]) -> Session | None:
+        """The session of index entry ``e`` if ``e`` is its current entry, else None."""
+        if isinstance(e, tuple):
+            s = e[0]
+            if self._reentered.get(s) is not e:
+                return None
+        else:
+            s = e
+            if s in self._reentered:
+                return None
+        if s.state != 1 or self._fwd.get(s.fkey) is not s:
+            return None
+        return s
+
+    def _compact_half_open(self) -> None:
+        """Drop the stale entries of the half-open index."""
+        live = self._live_entry
+        self._half_open = deque([e for e in self._half_open if live(e) is not None])
 
     def _evict_half_open(self, now: float) -> None:
-        oldest = next(iter(self._half_open.values()))
-        self.half_open_evictions += 1
-        self.remove(oldest, "half_open_evicted", now)
+        """Remove the oldest session in SYN_RECV (skipping, and dropping, stale entries)."""
+        queue = self._half_open
+        live = self._live_entry
+        while queue:
+            s = live(queue.popleft())
+            if s is not None:
+                self.half_open_evictions += 1
+                self.remove(s, "half_open_evicted", now)
+                return
 
-    def _set_state(self, s: Session[S], new: int, now: float) -> None:
+    def _set_state(self, s: Session, new: int, now: float) -> None:
         if s._slot == UNFILED:  # a stale reference to a removed session: nothing to track
             return
         self._change_state(s, new, now)

@@ -191,7 +191,7 @@ class SnapshotStore:
             longest = max(longest, time.monotonic() - t0)
             await asyncio.sleep(0)
         t0 = time.monotonic()
-        items: list[Session[Service]] = list(self.sessions)
+        items: list[Session] = list(self.sessions)
         copy = time.monotonic() - t0
         for chunk in _chunks(items, CHUNK):
             t0 = time.monotonic()

@@ -90,7 +90,6 @@ SESSION_SIZE: Final = _SESSION_IN.size
 CHECKSUM_SIZE: Final = _CHECKSUM_SIZE
 
 _U32: Final = 0xFFFFFFFF
-_U16: Final = 0xFFFF
 _IN_USE: Final = 1
 _MAX_STATE: Final = max(TcpState)
 assert _SESSION_OUT.size == _SESSION_IN.size
@@ -162,7 +161,7 @@ class SnapshotWriter:
         self.bindings = len(index)
         self._parts.append(b"".join(out))
 
-    def add_sessions(self, sessions: Iterable[Session[Any]]) -> None:
+    def add_sessions(self, sessions: Iterable[Session]) -> None:
         """A chunk of sessions (call as often as needed, after :meth:`add_bindings`)."""
         self._sessions_started = True
         now, get, out = self.now, self._index.get, []
@@ -170,10 +169,9 @@ class SnapshotWriter:
         for s in sessions:
             if not s.in_table:
                 continue
-            rkey = s.rkey
+            srv = s.server
             idle = int((now - s.last_seen) * 1000)
-            out.append(pack(s.fkey.to_bytes(13, "big"), (rkey >> 64) & _U32,
-                            (rkey >> 16) & _U16, s.state,
+            out.append(pack(s.fkey.to_bytes(13, "big"), srv.addr, srv.port, s.state,
                             _U32 if idle > _U32 else max(idle, 0),
                             get(s.binding, NO_BINDING)))  # type: ignore[arg-type]
         self.sessions += len(out)
@@ -205,7 +203,7 @@ class SnapshotWriter:
 
 
 def encode(digest: bytes, written_at: float, now: float, bindings: Iterable[Binding[Any]],
-           sessions: Iterable[Session[Any]]) -> bytes:
+           sessions: Iterable[Session]) -> bytes:
     """The whole snapshot in one call (tests, small tables)."""
     w = SnapshotWriter(digest, written_at, now)
     w.add_bindings(bindings)
@@ -380,7 +378,7 @@ def _sessions(body: memoryview, nb: int, age: float, timeouts: SessionTimeouts
 class Installed:
     """What :func:`install` put in the tables, and what it could not, by reason."""
 
-    sessions: list[Session[Service]]
+    sessions: list[Session]
     bindings: list[Binding[Service]]
     skipped: dict[str, int]
 
@@ -417,7 +415,7 @@ def install(restored: Restored, sessions: SessionTable[Service],
             else:
                 got_b.append(b)
         objs.append(b)
-    got_s: list[Session[Service]] = []
+    got_s: list[Session] = []
     # (proto, vaddr, vport, raddr, rport) -> (service, server) or why not: a table has a few
     # services and servers, and 10⁶ sessions.
     where: dict[tuple[int, int, int, int, int], tuple[Service, RealServer] | str] = {}

@@ -66,6 +66,7 @@ class TimingWheel(Generic[T]):
         self._inv_tick = 1.0 / tick
         self._slots: dict[int, list[T]] = {}
         self._cursor = 0  # first slot not yet fully swept
+        self._last = UNFILED  # the slot file() computed last (its int, shared by the items)
 
     def __contains__(self, item: T) -> bool:
         """Is ``item`` filed (and not yet handed back by a sweep, nor discarded)?"""
@@ -73,7 +74,13 @@ class TimingWheel(Generic[T]):
 
     def file(self, item: T, due: float) -> None:
         """File ``item``, or move it, at ``due`` (a slot already swept: the next sweep's)."""
-        k = max(int(due * self._inv_tick), self._cursor)
+        k = int(due * self._inv_tick)
+        if k < self._cursor:
+            k = self._cursor
+        elif k == self._last:  # pure Python: the same int object, not one more per item
+            k = self._last
+        else:
+            self._last = k
         if k != item._slot:
             item._slot = k
             self._put(k, item)

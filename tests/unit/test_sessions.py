@@ -17,6 +17,7 @@ from lb.addr import ip_to_int
 from lb.persistence import PersistenceTable
 from lb.servers import RealServer
 from lb.sessions import (
+    HALF_OPEN_SLACK,
     IPPROTO_TCP,
     IPPROTO_UDP,
     REUSABLE_STATES,
@@ -53,19 +54,19 @@ def servers(n: int = 2) -> list[RealServer]:
 class Recorder:
     """Observer that records every event and keeps a shadow copy of the table."""
 
-    events: list[tuple[str, Session[str], str]] = field(default_factory=list)
-    live: dict[int, Session[str]] = field(default_factory=dict)
+    events: list[tuple[str, Session, str]] = field(default_factory=list)
+    live: dict[int, Session] = field(default_factory=dict)
 
-    def session_added(self, s: Session[str]) -> None:
+    def session_added(self, s: Session) -> None:
         assert s.fkey not in self.live
         self.live[s.fkey] = s
         self.events.append(("added", s, ""))
 
-    def session_changed(self, s: Session[str]) -> None:
+    def session_changed(self, s: Session) -> None:
         assert self.live[s.fkey] is s
         self.events.append(("changed", s, s.tcp_state.name))
 
-    def session_removed(self, s: Session[str], reason: str) -> None:
+    def session_removed(self, s: Session, reason: str) -> None:
         assert self.live.pop(s.fkey) is s
         self.events.append(("removed", s, reason))
 
@@ -85,7 +86,7 @@ def table(
 
 def open_tcp(
     t: SessionTable[str], srv: RealServer, cport: int = 40000, now: float = 0.0
-) -> Session[str]:
+) -> Session:
     s = t.create(TCP, CLIENT, cport, VIP, 80, srv, SVC, TCP_SYN, now)
     assert s is not None
     return s
@@ -230,6 +231,47 @@ def test_half_open_index_follows_every_way_into_and_out_of_syn_recv() -> None:
     t.remove(s, "reset", 0.4)
     assert t.half_open == 0
     assert t.expire(1000.0) == 0
+
+
+def test_a_session_back_in_syn_recv_is_the_newest_half_open_session() -> None:
+    t, rec = table()
+    t.max_half_open = 3
+    (a,) = servers(1)
+    old, mid = open_tcp(t, a, 1), open_tcp(t, a, 2, now=0.1)
+    t.seen_forward(old, TCP_ACK, 0.2)
+    t.seen_reply(old, FINACK, 0.3)  # closing; the client's SYN-ACK opens it again
+    t.seen_forward(old, SYNACK, 0.4)
+    assert (old.tcp_state, t.half_open) == (TcpState.SYN_RECV, 2)
+    # The peer's record of a new flow on a reused 5-tuple does the same through install.
+    peer = t.install(TCP, CLIENT, 3, VIP, 80, a, SVC, TcpState.TIME_WAIT, 0.5, 0.5)
+    assert peer is not None and t.half_open == 2
+    t.install(TCP, CLIENT, 3, VIP, 80, a, SVC, TcpState.SYN_RECV, 0.6, 0.6)
+    assert t.half_open == 3
+    evicted = []
+    for port in (4, 5, 6):  # each SYN at the cap evicts the oldest: mid, old, then peer
+        open_tcp(t, a, port, now=1.0)
+        evicted.append(next(s for kind, s, r in reversed(rec.events) if kind == "removed"))
+    assert evicted == [mid, old, peer]
+    assert (t.half_open, t.half_open_evictions) == (3, 3)
+
+
+def test_the_half_open_index_stays_within_twice_the_half_open_sessions() -> None:
+    t, _ = table(max_sessions=100_000)
+    t.max_half_open = 100
+    (a,) = servers(1)
+    rng = random.Random(7)
+    opened = []
+    for port in range(1, 20_001):  # a flood at the cap, with some handshakes completing
+        opened.append(open_tcp(t, a, port, now=port * 1e-4))
+        if rng.random() < 0.3:
+            s = rng.choice(opened[-50:])
+            t.seen_forward(s, TCP_ACK, port * 1e-4)
+        assert t.half_open_index <= 2 * t.half_open + HALF_OPEN_SLACK
+    assert t.half_open == sum(1 for s in t if s.tcp_state is TcpState.SYN_RECV) == 100
+    for s in list(t):  # every handshake completes: nothing half-open, the index shrinks
+        t.seen_forward(s, TCP_ACK, 3.0)
+    assert t.half_open == 0
+    assert t.half_open_index <= HALF_OPEN_SLACK
 
 
 # --- TCP states ------------------------------------------------------------------------------
@@ -495,7 +537,7 @@ def test_random_schedule_expires_on_time(seed: int, tick: float) -> None:
     now = 0.0
 
     class Checker(Recorder):
-        def session_removed(self, s: Session[str], reason: str) -> None:
+        def session_removed(self, s: Session, reason: str) -> None:
             assert reason == "expired"
             assert t.deadline(s) <= now
             super().session_removed(s, reason)
@@ -598,14 +640,14 @@ class SessionModel(RuleBasedStateMachine):
         self.counted: set[int] = set()  # ids of the entries handed to create()
 
     # observer: check "never early" at the moment of removal, then record
-    def session_added(self, s: Session[str]) -> None:
+    def session_added(self, s: Session) -> None:
         self.rec.session_added(s)
 
-    def session_changed(self, s: Session[str]) -> None:
+    def session_changed(self, s: Session) -> None:
         self.changes += 1
         self.rec.session_changed(s)
 
-    def session_removed(self, s: Session[str], reason: str) -> None:
+    def session_removed(self, s: Session, reason: str) -> None:
         if reason == "expired":
             assert self.table.deadline(s) <= self.now
         assert s.source is None  # its count was given back before anyone hears of it
@@ -681,7 +723,7 @@ class SessionModel(RuleBasedStateMachine):
         assert t.half_open == sum(1 for s in t if s.tcp_state is TcpState.SYN_RECV) <= 6
         assert t.half_open_evictions == sum(1 for e in self.rec.events
                                             if e[2] == "half_open_evicted")
-        holders: dict[int, list[Session[str]]] = {}
+        holders: dict[int, list[Session]] = {}
         for s in t:
             if s.source is not None:
                 assert not t.is_closing(s)  # a closing session no longer counts
@@ -696,6 +738,92 @@ class SessionModel(RuleBasedStateMachine):
 
 SessionModel.TestCase.settings = settings(max_examples=150, stateful_step_count=60, deadline=None)
 TestSessionModel = SessionModel.TestCase
+
+
+class HalfOpenModel(RuleBasedStateMachine):
+    """Random ways into and out of SYN_RECV against a reference list of the half-open
+    sessions in the order they entered it.
+
+    Checked: ``half_open`` is exact; an eviction takes the reference's oldest session, a
+    session in SYN_RECV and in the table (so never one already removed, nor twice); every
+    other session stays; the index holds at most ``2 * half_open + HALF_OPEN_SLACK`` entries.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rec = Recorder()
+        self.now = 0.0
+        self.table: SessionTable[str] = SessionTable(SMALL, 8, 0.1, self.rec, max_half_open=3)
+        self.servers = servers(2)
+        self.order: list[Session] = []  # the reference: half-open, oldest first
+
+    def _run(self, op: Callable[[], object]) -> None:
+        t = self.table
+        oldest = self.order[0] if self.order else None
+        seen = len(self.rec.events)
+        evictions = t.half_open_evictions
+        op()
+        evicted = [s for kind, s, r in self.rec.events[seen:]
+                   if kind == "removed" and r == "half_open_evicted"]
+        assert len(evicted) == t.half_open_evictions - evictions <= 1
+        if evicted:
+            assert evicted[0] is oldest
+        live = {id(s) for s in t if s.state == TcpState.SYN_RECV}
+        known = {id(s) for s in self.order}
+        self.order = [s for s in self.order if id(s) in live]
+        self.order += [s for s in t if id(s) in live and id(s) not in known]  # at most one
+
+    def _find(self, cport: int) -> Session | None:
+        return self.table.lookup(flow_key(TCP, CLIENT, cport, VIP, 80))
+
+    @rule(cport=st.integers(1, 10), server=st.integers(0, 1),
+          flags=st.sampled_from([TCP_SYN, TCP_SYN, TCP_SYN, SYNACK, TCP_ACK]))
+    def client_packet(self, cport: int, server: int, flags: int) -> None:
+        s = self._find(cport)
+        if s is None:
+            srv = self.servers[server]
+            self._run(lambda: self.table.create(TCP, CLIENT, cport, VIP, 80, srv, SVC,
+                                                flags, self.now))
+        else:
+            self._run(lambda: self.table.seen_forward(s, flags, self.now))
+
+    @rule(cport=st.integers(1, 10), flags=st.sampled_from([SYNACK, TCP_ACK, FINACK, RSTACK]))
+    def server_packet(self, cport: int, flags: int) -> None:
+        s = self._find(cport)
+        if s is not None:
+            self._run(lambda: self.table.seen_reply(s, flags, self.now))
+
+    @rule(cport=st.integers(1, 10), server=st.integers(0, 1),
+          state=st.sampled_from([TcpState.SYN_RECV, TcpState.ESTABLISHED,
+                                 TcpState.TIME_WAIT, TcpState.CLOSE]))
+    def peer_record(self, cport: int, server: int, state: TcpState) -> None:
+        srv = self.servers[server]
+        self._run(lambda: self.table.install(TCP, CLIENT, cport, VIP, 80, srv, SVC, state,
+                                             self.now, self.now))
+
+    @rule(cport=st.integers(1, 10))
+    def removed(self, cport: int) -> None:
+        s = self._find(cport)
+        if s is not None:
+            self._run(lambda: self.table.remove(s, "reset", self.now))
+
+    @rule(dt=st.sampled_from([0.05, 0.05, 0.2, 0.7, 2.5]))
+    def tick(self, dt: float) -> None:
+        self.now += dt
+        self._run(lambda: self.table.expire(self.now, budget=10**9))
+
+    @invariant()
+    def exact_and_bounded(self) -> None:
+        t = self.table
+        assert t.half_open == len(self.order)
+        assert t.half_open == sum(1 for s in t if s.state == TcpState.SYN_RECV)
+        assert t.half_open_index <= 2 * t.half_open + HALF_OPEN_SLACK
+        assert self.rec.live == {s.fkey: s for s in t}
+
+
+HalfOpenModel.TestCase.settings = settings(max_examples=300, stateful_step_count=100,
+                                           deadline=None)
+TestHalfOpenModel = HalfOpenModel.TestCase
 
 
 # --- memory ----------------------------------------------------------------------------------
@@ -738,7 +866,7 @@ KEY = source_key(1, CLIENT)
 
 
 def _counted(t: SessionTable[str], srv: RealServer, cport: int, now: float = 0.0,
-             flags: int = TCP_SYN) -> Session[str]:
+             flags: int = TCP_SYN) -> Session:
     source = t.sources.admit(KEY, LIMITS, now)
     assert isinstance(source, SourceEntry)
     s = t.create(TCP, CLIENT, cport, VIP, 80, srv, SVC, flags, now, source=source)
@@ -746,35 +874,35 @@ def _counted(t: SessionTable[str], srv: RealServer, cport: int, now: float = 0.0
     return s
 
 
-def _out_by_expiry(t: SessionTable[str], s: Session[str]) -> None:
+def _out_by_expiry(t: SessionTable[str], s: Session) -> None:
     t.expire(t.deadline(s) + 1, budget=10**6)
 
 
-def _out_by_rst(t: SessionTable[str], s: Session[str]) -> None:
+def _out_by_rst(t: SessionTable[str], s: Session) -> None:
     t.seen_forward(s, TCP_ACK, 0.5)  # (a client's RST in SYN_RECV leaves it there, as IPVS)
     t.seen_forward(s, TCP_RST, 1.0)
 
 
-def _out_by_fin(t: SessionTable[str], s: Session[str]) -> None:
+def _out_by_fin(t: SessionTable[str], s: Session) -> None:
     t.seen_forward(s, TCP_ACK, 0.5)
     t.seen_reply(s, FINACK, 1.0)
 
 
-def _out_by_server_rst(t: SessionTable[str], s: Session[str]) -> None:
+def _out_by_server_rst(t: SessionTable[str], s: Session) -> None:
     t.seen_reply(s, RSTACK, 1.0)
 
 
-def _out_by_eviction(t: SessionTable[str], s: Session[str]) -> None:
+def _out_by_eviction(t: SessionTable[str], s: Session) -> None:
     for port in range(2, 6):  # max_half_open is 2 below: the oldest (s) goes first
         t.create(TCP, CLIENT + 1, port, VIP, 80, s.server, SVC, TCP_SYN, 1.0)
 
 
-def _out_by_remove(t: SessionTable[str], s: Session[str]) -> None:
+def _out_by_remove(t: SessionTable[str], s: Session) -> None:
     t.remove(s, "killed", 1.0)  # lbctl kill-sessions, reset on server down, reuse
     t.remove(s, "killed", 1.0)  # idempotent: nothing given back twice
 
 
-def _out_by_peer_sweep(t: SessionTable[str], s: Session[str]) -> None:
+def _out_by_peer_sweep(t: SessionTable[str], s: Session) -> None:
     t.remove(s, "peer", 1.0)  # a peer's snapshot that did not carry it
 
 
@@ -783,7 +911,7 @@ def _out_by_peer_sweep(t: SessionTable[str], s: Session[str]) -> None:
                                    _out_by_peer_sweep],
                          ids=lambda f: f.__name__.removeprefix("_out_by_"))
 def test_a_session_gives_its_source_count_back_once_however_it_goes(
-        leave: Callable[[SessionTable[str], Session[str]], None]) -> None:
+        leave: Callable[[SessionTable[str], Session], None]) -> None:
     t: SessionTable[str] = SessionTable(SessionTimeouts(), 100, max_half_open=2)
     srv = servers(1)[0]
     keep = _counted(t, srv, 1)
