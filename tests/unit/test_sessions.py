@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from lb import native
 from lb.addr import ip_to_int
 from lb.persistence import PersistenceTable
 from lb.servers import RealServer
@@ -856,7 +857,7 @@ def test_memory_per_session_with_a_million_sessions() -> None:
     assert len(t) == n
     per_session = used / n
     print(f"\n{per_session:.1f} bytes per session with {n} sessions")
-    assert per_session <= 400
+    assert per_session <= (300 if native.status().modules else 320)  # issue 10: 285 and 301 B
 
 
 # --- per-source counts ---------------------------------------------------------------------
