@@ -108,6 +108,7 @@ class Replicator:
         # counters
         self.records_received = 0
         self.replies_reported = 0
+        self.opened_unowned = 0  # sessions scheduled here for a service the peer owns
         self.late = 0  # records installed for an owned service whose flow was not here
         self.snapshots_received = 0
         self.skipped: dict[str, int] = {}
@@ -144,6 +145,19 @@ class Replicator:
             self.replies_reported += 1
             self._push(ReplySeen(s.proto, s.caddr, s.cport, s.vaddr, s.vport,
                                           flags & _STATE_FLAGS))
+
+    def opened_here(self, s: Session) -> None:
+        """The data plane scheduled ``s`` for a service this node does not own: in the
+        instant after a handback (this node lost the instance, its address has not left yet)
+        or for a client whose ARP cache still names this node. The owner gets the session
+        and its binding as records (installed there as ``late``): the flow's replies reach
+        the owner, and its later packets too once the client's ARP cache follows."""
+        if not self.connected:
+            return
+        self.opened_unowned += 1
+        if s.binding is not None:
+            self._push(self._binding_record(s.binding))
+        self._push(self._session_record(s))
 
     def _push(self, record: Record) -> None:
         self.pending.append(record)
@@ -385,7 +399,8 @@ class Replicator:
     def status(self) -> dict[str, Any]:
         return {"records_received": self.records_received,
                 "snapshots_received": self.snapshots_received,
-                "replies_reported": self.replies_reported, "late": self.late,
+                "replies_reported": self.replies_reported,
+                "opened_unowned": self.opened_unowned, "late": self.late,
                 "peer_snapshot_done": self.snapshot_done, "skipped": dict(self.skipped),
                 "provisional": {"sessions": self.provisional[0],
                                 "bindings": self.provisional[1]}}

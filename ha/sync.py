@@ -682,6 +682,10 @@ class SyncService:
         yield CounterMetricFamily("lbd_sync_replies_reported",
                                   "Replies of the peer's sessions reported to it (FIN, RST, "
                                   "refresh)", value=self.rep.replies_reported)
+        yield CounterMetricFamily("lbd_sync_opened_unowned",
+                                  "Sessions scheduled here for a virtual server the peer "
+                                  "masters (in a handback's instant), sent to the peer",
+                                  value=self.rep.opened_unowned)
 
 
 def _le(bound: float) -> str:

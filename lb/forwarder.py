@@ -79,6 +79,7 @@ class SessionEvents(Protocol):
 
 class PeerReports(Protocol):
     def reply_seen(self, s: Session, flags: int) -> None: ...
+    def opened_here(self, s: Session) -> None: ...
 
 
 class ServiceCounts:
@@ -321,6 +322,11 @@ class Forwarder:
         svc.created_total += 1
         if proto == PROTO_TCP and not flags & SYN:
             self.picked_up += 1
+        if not svc.owned and self.peer is not None:
+            # Scheduled for an instance this node does not master (a packet that came in the
+            # instant between losing it and its address leaving): the owner must learn of
+            # the flow, or its replies, which reach the owner, find nothing there.
+            self.peer.opened_here(s)
         return s
 
     def _schedule(self, svc: Service, caddr: int, cport: int,

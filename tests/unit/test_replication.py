@@ -241,6 +241,33 @@ def test_a_flow_only_the_peer_has_is_installed_even_for_an_owned_instance() -> N
     assert len(p.a.bindings) == 1 and p.a.rep.late == 2 and p.a.rep.skipped == {}
 
 
+def test_a_flow_opened_on_the_node_that_just_lost_the_instance_reaches_the_owner() -> None:
+    """The other half of a handback: B has lost VIP A (A preempted it) but a client's SYN
+    still reaches it (its address had not left yet, or the client's ARP cache still names B).
+    B forwards it, and sends the session and its binding although it does not own them:
+    the server's SYN-ACK goes to A, the gateway holder, which would otherwise hold it for a
+    record that never comes and drop it (the client saw its request time out)."""
+    p = Pair()
+    server = to_server(p.b, VIP_A, 40000)
+    assert p.b.rep.opened_unowned == 1
+    p.ba.deliver()
+    assert p.a.table() == {(VIP_A, 40000): (ip_to_int(server), int(TcpState.SYN_RECV))}
+    assert len(p.a.bindings) == 1 and p.a.rep.late == 2 and p.a.rep.skipped == {}
+    verdict, out = p.a.packet(reply(server, C1, 40000, "SA"))
+    assert verdict == FORWARD and IP(out).src == VIP_A and p.a.fwd.drops == {}
+    # A owns the flow now: its state changes go to B as ordinary records.
+    p.ab.deliver()
+    assert p.b.table() == p.a.table()
+
+
+def test_a_copy_of_the_peers_flow_is_never_sent_back_as_opened_here() -> None:
+    p = Pair()
+    to_server(p.a, VIP_A, 40000)
+    p.sync()
+    verdict, _ = p.b.packet(IP(src=C1, dst=VIP_A) / TCP(sport=40000, dport=80, flags="A"))
+    assert verdict == FORWARD and p.b.rep.opened_unowned == 0 and p.b.rep.take() == []
+
+
 @pytest.mark.parametrize(("record", "reason"), [
     (SessionRecord(TCP_P, 1, 1, ip_to_int(VIP_B), 81, ip_to_int(S1), 8080, EST, 0.0),
      "unknown_service"),
