@@ -40,7 +40,8 @@ T = TypeVar("T")
 
 BENCHES = ("throughput", "pps", "cps", "memory", "failover", "sync", "syncnet", "synflood",
            "vrrpload")
-FLOOD_RATES = {"synflood_15k": 15000, "synflood_max": 0}
+FLOOD_RATES = {"synflood_15k": (15000, False), "synflood_max": (0, False),
+               "synflood_max_proxy": (0, True)}  # key: (SYN/s, 0 = full rate; syn_proxy)
 VRRP_LOADS = {"vrrp_udp": "iperf3 4 streams + wrk + 64 B UDP flood",
               "vrrp_junk": "iperf3 4 streams + wrk + 64 B junk flood"}
 SYSTEMS_ORDER = ("kernel", "haproxy", "lbd", "lbd-pure")
@@ -97,9 +98,10 @@ def make_figures(benches: Sequence[str], plan: netbench.Plan, sessions: int,
                    "s", False, (Check(None),)),
         ]
     if "synflood" in benches:
-        for key, rate in FLOOD_RATES.items():
+        for key, (rate, proxy) in FLOOD_RATES.items():
             figs.append(Figure(key, "Real clients' GETs through a spoofed SYN flood at "
-                               + (f"{rate:,} SYN/s" if rate else "full raw-socket rate"),
+                               + (f"{rate:,} SYN/s" if rate else "full raw-socket rate")
+                               + (", syn_proxy on" if proxy else ""),
                                "share", True, (Check(None, ">=", 0.95),)))
     if "vrrpload" in benches:
         for key, what in VRRP_LOADS.items():
@@ -189,8 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "memory" in args.benches:
             _memory(args.sessions, by_key["mem_session"])
         if "synflood" in args.benches:
-            for key, rate in FLOOD_RATES.items():
-                _synflood(args.rounds, by_key[key], rate)
+            for key, (rate, proxy) in FLOOD_RATES.items():
+                _synflood(args.rounds, by_key[key], rate, proxy)
         if "failover" in args.benches:
             _failover(args.rounds, by_key["failover"], None, None)
             _failover(args.rounds, by_key["failover_30"], by_key["failover_gap_30"], "30ms")
@@ -340,9 +342,11 @@ def _rounds(rounds: int, figs: Sequence[Figure], what: str,
         yield got
 
 
-def _synflood(rounds: int, fig: Figure, rate: int) -> None:
+def _synflood(rounds: int, fig: Figure, rate: int, proxy: bool) -> None:
     what = f"SYN flood at {rate} SYN/s" if rate else "SYN flood at full rate"
-    for rnd, got in enumerate(_rounds(rounds, [fig], what, lambda: synflood.one_round(rate))):
+    what += ", syn_proxy on" if proxy else ""
+    for rnd, got in enumerate(_rounds(rounds, [fig], what,
+                                      lambda: synflood.one_round(rate, proxy))):
         fig.add_sample("lbd", got.legit_ok)
         fig.notes.append(f"round {rnd + 1}: flood {got.flood_rate:,.0f} SYN/s sent, lbd CPU "
                          f"{got.lbd_cpu:.2f} cores, {got.tun_dropped:,} packets dropped at "

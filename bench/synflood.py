@@ -53,14 +53,18 @@ def _last_json(proc: subprocess.Popen[str], timeout: float) -> dict[str, object]
     return got
 
 
-def one_round(rate: int) -> FloodRound:
+def one_round(rate: int, syn_proxy: bool = False) -> FloodRound:
+    """One round; ``syn_proxy``: with ``[dataplane] syn_proxy = true`` (lb.synproxy)."""
     lab = Lab()
     try:
         build(lab)
         with tempfile.TemporaryDirectory(prefix="lbd-synflood-") as tmp:
             env = LabEnv(lab, Path(tmp))
             env.start_servers()
-            lbd = env.lbd(shipped_node_config("single", env.tmp))
+            text = shipped_node_config("single", env.tmp)
+            if syn_proxy:
+                text = text.replace("[dataplane]\n", "[dataplane]\nsyn_proxy = true\n", 1)
+            lbd = env.lbd(text)
             wait_until(lambda: all(s["up"] for s in lbd.ctl("servers")), timeout=15,
                        what="the servers to be up")
             env.client("c1", "get", f"http://{VIP}/", "--count", "3")  # ARP, warm paths

@@ -112,6 +112,10 @@ class DataplaneConfig:
     # Packets the kernel queues on the TUN for lbd to read (the device's txqueuelen; the
     # kernel's default, 500, dropped the bursts of a 15,000 SYN/s flood before lbd read them).
     tun_queue: int = 8192
+    # The kernel's SYN proxy (nftables synproxy) answers SYNs to the TCP virtual servers with
+    # SYN cookies: a spoofed SYN flood never reaches the TUN. Flows opened through it do not
+    # survive a failover (lb.synproxy): off by default.
+    syn_proxy: bool = False
 
 
 RULE_PRIORITY_SPAN: Final = 64
@@ -595,6 +599,7 @@ def _dataplane(t: _Table) -> DataplaneConfig:
         rule_priority=t.get("rule_priority", _rule_priority, _default(d, "rule_priority")),
         rps_cpus=t.get("rps_cpus", _cpu_mask, _default(d, "rps_cpus")),
         tun_queue=t.get("tun_queue", _int(64, 1 << 20), _default(d, "tun_queue")),
+        syn_proxy=t.get("syn_proxy", _bool, _default(d, "syn_proxy")),
     )
     if dp.tun and dp.tun in {dp.client_interface, dp.server_interface}:
         t.errors.add(t.at("tun"), f"{json.dumps(dp.tun)} is also a client or server interface")

@@ -57,6 +57,7 @@ from lb.services import Service, ServiceSet, build_services
 from lb.sessions import Session, SessionTable, SessionTimeouts
 from lb.snapshot_store import SnapshotStore
 from lb.source_limits import CONN_LIMIT, RATE_LIMIT, SourceTracker
+from lb.synproxy import SynProxy
 from lb.table_snapshot import Installed
 from lb.tun import open_tun
 
@@ -144,6 +145,7 @@ class Node:
         self.started = time.time()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.kernel: Kernel | None = None
+        self.syn_proxy = SynProxy()
         self.tun_fd = -1
         self.tun_index = 0
         # Which VRRP instances this node masters: the one owner of roles (see ha.roles).
@@ -230,6 +232,13 @@ class Node:
                                   arp_interfaces={ic.interface for ic in cfg.vrrp_instances})
         await self.kernel.install_reply_path(self.tun_index, dp.server_interface,
                                              self._server_addresses())
+        if dp.syn_proxy:
+            await self._apply_syn_proxy(cfg)
+            # An ACK that matches no conntrack entry must reach synproxy as 'invalid', not be
+            # picked up as an established flow (which would bypass the cookie check).
+            self.kernel.change_sysctl("net.netfilter.nf_conntrack_tcp_loose", "0")
+        else:
+            await asyncio.to_thread(self.syn_proxy.remove_leftover)
         self.dataplane = DataPlane(self.tun_fd, self.forwarder, batch=dp.batch)
         self.dataplane.start(self.loop)
         self.heap.install()
@@ -315,6 +324,8 @@ class Node:
             await self.owner.release_all()
         if self.kernel is not None:
             await self.kernel.remove_leftovers()
+        if self.syn_proxy.loaded:
+            await asyncio.to_thread(self.syn_proxy.remove)
         if self.control is not None:
             await self.control.stop()
         if self.metrics_server is not None:
@@ -504,6 +515,16 @@ class Node:
             return f"not saved: {exc}"
         return None
 
+    async def _apply_syn_proxy(self, config: Config) -> None:
+        """Point the kernel's SYN proxy at the TCP virtual servers of ``config``."""
+        targets = [(vs.address, vs.port) for vs in config.virtual_servers
+                   if vs.protocol == "tcp"]
+        try:
+            await asyncio.to_thread(self.syn_proxy.apply, config.dataplane.client_interface,
+                                    targets)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{config.source}: dataplane.syn_proxy: {exc}") from exc
+
     async def _install_services(self, config: Config) -> None:
         """Rebuild the services from ``config`` with the runtime owner's operator records on
         them, keeping every session (a reload, or the peer's operator state); the health
@@ -590,6 +611,13 @@ class Node:
             self.reload_failures += 1
             log.error("reload refused: %s", msg)
             return [msg]
+        if new.dataplane.syn_proxy:
+            try:
+                await self._apply_syn_proxy(new)
+            except RuntimeError as exc:  # the old ruleset stays (nft applies all or nothing)
+                self.reload_failures += 1
+                log.error("reload refused: %s", exc)
+                return [str(exc)]
         await self._install_services(new)
         if self.sync is not None:  # the peer sees whether our services still match its own
             self.sync.set_config_digest(new.service_digest())

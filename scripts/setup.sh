@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 pkgs=(python3 python3-venv python3-pip iproute2 iputils-ping procps ethtool make
-      keepalived socat nginx-light iperf3 haproxy wrk tshark prometheus openssl gcc python3-dev)
+      keepalived nftables socat nginx-light iperf3 haproxy wrk tshark prometheus openssl gcc python3-dev)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
