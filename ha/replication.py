@@ -146,16 +146,17 @@ class Replicator:
             self._push(ReplySeen(s.proto, s.caddr, s.cport, s.vaddr, s.vport,
                                           flags & _STATE_FLAGS))
 
-    def opened_here(self, s: Session) -> None:
+    def opened_here(self, s: Session, new_binding: bool) -> None:
         """The data plane scheduled ``s`` for a service this node does not own: in the
         instant after a handback (this node lost the instance, its address has not left yet)
-        or for a client whose ARP cache still names this node. The owner gets the session
-        and its binding as records (installed there as ``late``): the flow's replies reach
-        the owner, and its later packets too once the client's ARP cache follows."""
+        or for a client whose ARP cache still names this node. The owner gets the session,
+        and its binding when this scheduling made it (``new_binding``; one the client had
+        is the owner's already), as records installed there as ``late``: the flow's replies
+        reach the owner, and its later packets too once the client's ARP cache follows."""
         if not self.connected:
             return
         self.opened_unowned += 1
-        if s.binding is not None:
+        if new_binding and s.binding is not None:
             self._push(self._binding_record(s.binding))
         self._push(self._session_record(s))
 

@@ -79,7 +79,7 @@ class SessionEvents(Protocol):
 
 class PeerReports(Protocol):
     def reply_seen(self, s: Session, flags: int) -> None: ...
-    def opened_here(self, s: Session) -> None: ...
+    def opened_here(self, s: Session, new_binding: bool) -> None: ...
 
 
 class ServiceCounts:
@@ -326,7 +326,7 @@ class Forwarder:
             # Scheduled for an instance this node does not master (a packet that came in the
             # instant between losing it and its address leaving): the owner must learn of
             # the flow, or its replies, which reach the owner, find nothing there.
-            self.peer.opened_here(s)
+            self.peer.opened_here(s, bound is None)
         return s
 
     def _schedule(self, svc: Service, caddr: int, cport: int,

@@ -238,7 +238,7 @@ class Node:
             # picked up as an established flow (which would bypass the cookie check).
             self.kernel.change_sysctl("net.netfilter.nf_conntrack_tcp_loose", "0")
         else:
-            await asyncio.to_thread(self.syn_proxy.remove_leftover)
+            await asyncio.to_thread(self.syn_proxy.remove, leftover=True)
         self.dataplane = DataPlane(self.tun_fd, self.forwarder, batch=dp.batch)
         self.dataplane.start(self.loop)
         self.heap.install()

@@ -21,11 +21,10 @@ removes it with ``nft`` (pyroute2 has no nftables expressions for ``synproxy`` o
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import shutil
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 log = logging.getLogger("lbd")
 
@@ -72,29 +71,26 @@ class SynProxy:
     def __init__(self) -> None:
         self.loaded = False
 
-    def apply(self, client_if: str, targets: Iterable[tuple[str, int]]) -> None:
+    def apply(self, client_if: str, targets: Sequence[tuple[str, int]]) -> None:
         """Replace the table (one nft transaction). Raises RuntimeError with nft's message."""
-        script = ruleset(client_if, targets)
-        _nft(script)
-        self.loaded = "chain" in script
+        _nft(ruleset(client_if, targets))
+        self.loaded = bool(targets)
         if self.loaded:
             log.info("syn_proxy: the kernel's SYN proxy answers SYNs to the TCP virtual "
                      "servers on %s (nft table ip %s)", client_if, TABLE)
 
-    def remove(self) -> None:
-        """Remove the table, if there is one (also a killed lbd's leftover)."""
+    def remove(self, *, leftover: bool = False) -> None:
+        """Remove the table, if there is one. ``leftover``: at a start with the proxy off, a
+        killed lbd's table, quietly and only when nft is there to ask (a box that never used
+        the proxy needs no nft)."""
+        self.loaded = False
+        if leftover and shutil.which(NFT) is None:
+            return
         try:
             _nft(ruleset("", ()))
         except RuntimeError as exc:
-            log.warning("syn_proxy: cannot remove nft table ip %s: %s", TABLE, exc)
-        self.loaded = False
-
-    def remove_leftover(self) -> None:
-        """At a start with the proxy off: remove a killed lbd's table, when nft is there to
-        ask (a box that never used the proxy needs no nft)."""
-        if shutil.which(NFT) is not None:
-            with contextlib.suppress(RuntimeError):
-                _nft(ruleset("", ()))
+            if not leftover:
+                log.warning("syn_proxy: cannot remove nft table ip %s: %s", TABLE, exc)
 
 
 def _nft(script: str) -> None:

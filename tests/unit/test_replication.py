@@ -260,6 +260,20 @@ def test_a_flow_opened_on_the_node_that_just_lost_the_instance_reaches_the_owner
     assert p.b.table() == p.a.table()
 
 
+def test_a_binding_the_client_had_is_not_sent_back_with_a_flow_opened_here() -> None:
+    """The client already holds a binding on VIP A (A's, copied to B): B's flow in the
+    handback's instant goes to the owner alone; sending the binding back would count on A
+    as a split brain (``master``)."""
+    p = Pair()
+    server = to_server(p.a, VIP_A, 40000)
+    p.sync()
+    assert to_server(p.b, VIP_A, 40001) == server  # the binding holds on B too
+    got = p.ba.deliver()
+    assert [type(r) for r in got] == [SessionRecord]
+    assert p.a.rep.late == 1 and p.a.rep.skipped == {}
+    assert p.a.table()[(VIP_A, 40001)] == (ip_to_int(server), int(TcpState.SYN_RECV))
+
+
 def test_a_copy_of_the_peers_flow_is_never_sent_back_as_opened_here() -> None:
     p = Pair()
     to_server(p.a, VIP_A, 40000)
