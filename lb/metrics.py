@@ -24,6 +24,7 @@ from lb import native
 from lb.forwarder import DROP_REASONS, Forwarder
 from lb.servers import AdminState
 from lb.services import ServiceSet
+from lb.synproxy import METRIC_HELP as SYN_PROXY_HELP
 from lb.version import VERSION
 
 Source = Callable[[], Iterable[Metric]]
@@ -147,6 +148,21 @@ def dataplane_metrics(fwd: Forwarder, services: Callable[[], ServiceSet],
             for name, value in extra().items():
                 yield CounterMetricFamily(name, name.replace("_", " "), value=value)
 
+    return collect
+
+
+def syn_proxy_metrics(stats: Callable[[], dict[str, int] | None]) -> Source:
+    """``lbd_syn_proxy_enabled`` and, while it is, the kernel's SYN proxy counters as
+    ``lbd_syn_proxy_<name>_total`` (lb.synproxy: read from /proc at scrape time)."""
+    def collect() -> Iterator[Metric]:
+        counts = stats()
+        yield GaugeMetricFamily("lbd_syn_proxy_enabled",
+                                "1 while the kernel's SYN proxy answers SYNs to the TCP "
+                                "virtual servers ([dataplane] syn_proxy)",
+                                value=0 if counts is None else 1)
+        for name, value in (counts or {}).items():
+            yield CounterMetricFamily(f"lbd_syn_proxy_{name}", SYN_PROXY_HELP[name],
+                                      value=value)
     return collect
 
 

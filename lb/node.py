@@ -48,7 +48,7 @@ from lb.listing import (
     render_session,
     session_filter,
 )
-from lb.metrics import MetricsServer, SourceCollector, dataplane_metrics
+from lb.metrics import MetricsServer, SourceCollector, dataplane_metrics, syn_proxy_metrics
 from lb.persistence import PersistenceTable
 from lb.reply_hold import ReplyHold
 from lb.runtime import Refused, ServerRuntime
@@ -250,6 +250,7 @@ class Node:
         self.collector.sources.append(self._node_gauges)
         self.collector.sources.append(self.snapshots.metrics)
         self.collector.sources.append(self.heap.metrics)
+        self.collector.sources.append(syn_proxy_metrics(self.syn_proxy.stats))
         self.control = ControlServer(cfg.node.control_socket, self.control_handlers())
         await self.control.start()
         if cfg.metrics.listen is not None:
@@ -667,6 +668,7 @@ class Node:
             "sessions_half_open": self.sessions.half_open,
             "half_open_evicted": self.sessions.half_open_evictions,
             "source_limits": self.source_limits_status(),
+            "syn_proxy": self.syn_proxy_status(),
             "persistence": len(self.persistence),
             # A standalone node masters one implicit instance (ha.roles.STANDALONE, ""):
             # not a VRRP instance, so not listed; "standalone" says it owns everything.
@@ -694,6 +696,12 @@ class Node:
                 "conn_limit_drops": drops.get(CONN_LIMIT, 0),
                 "rate_limit_drops": drops.get(RATE_LIMIT, 0),
                 "untracked": tracker.untracked, "evicted": tracker.evicted}
+
+    def syn_proxy_status(self) -> dict[str, Any]:
+        """``[dataplane] syn_proxy`` at a glance: on or off and, while on, the kernel's
+        counters (lb.synproxy; the same as ``lbd_syn_proxy_*_total``)."""
+        stats = self.syn_proxy.stats()
+        return {"enabled": stats is not None, **(stats or {})}
 
     _LIST_OPTIONS: dict[str, type[int] | type[str] | None] = {
         "--virtual": str, "--server": str, "--client": str, "--limit": int}

@@ -14,9 +14,18 @@ only. A flow opened through the proxy does not survive a failover to the peer (t
 lbd has the session, not the sequence offset), nor a conntrack flush. Flows opened with the
 proxy off are untouched by turning it on.
 
-Pure part: :func:`ruleset` (the nft script). I/O part: :class:`SynProxy`, which loads and
-removes it with ``nft`` (pyroute2 has no nftables expressions for ``synproxy`` or
-``notrack``; the script is applied atomically, and only at start, reload and stop).
+What the proxy does is counted by the kernel, per network namespace, in
+``/proc/net/stat/synproxy`` (one row of hex counters per CPU). lbd reads that file at scrape
+and status time, sums the rows and exports them as ``lbd_syn_proxy_*_total`` and in
+``lbctl status``: ``syn_received`` (SYNs answered with a cookie), ``cookie_valid`` (ACKs
+with a valid cookie: clients passed on to lbd), ``cookie_invalid`` (ACKs with a wrong or
+stale cookie, dropped), ``cookie_retrans`` (a client's retransmitted ACK), ``conn_reopened``
+(a SYN that reused the ports of a flow in TIME_WAIT).
+
+Pure part: :func:`ruleset` (the nft script) and :func:`parse_stats` (the kernel's counters).
+I/O part: :class:`SynProxy`, which loads and removes the script with ``nft`` (pyroute2 has
+no nftables expressions for ``synproxy`` or ``notrack``; the script is applied atomically,
+and only at start, reload and stop) and reads the counters.
 """
 
 from __future__ import annotations
@@ -32,6 +41,20 @@ TABLE = "lbd_synproxy"
 """The nftables table lbd owns (``ip`` family); nothing else in the ruleset is touched."""
 
 NFT = "nft"
+
+STATS_FILE = "/proc/net/stat/synproxy"
+
+STATS: tuple[str, ...] = ("syn_received", "cookie_valid", "cookie_invalid", "cookie_retrans",
+                          "conn_reopened")
+"""The kernel's counters lbd exports, in the order ``lbctl status`` shows them."""
+
+METRIC_HELP: dict[str, str] = {
+    "syn_received": "SYNs to the TCP virtual servers answered by the kernel with a SYN cookie",
+    "cookie_valid": "ACKs with a valid SYN cookie: handshakes passed on to lbd",
+    "cookie_invalid": "ACKs with a wrong or stale SYN cookie, dropped by the kernel",
+    "cookie_retrans": "Retransmitted ACKs of handshakes the proxy already passed on",
+    "conn_reopened": "SYNs that reopened the ports of a flow in TIME_WAIT",
+}
 
 
 def ruleset(client_if: str, targets: Iterable[tuple[str, int]], *, mss: int = 1460) -> str:
@@ -65,11 +88,46 @@ def ruleset(client_if: str, targets: Iterable[tuple[str, int]], *, mss: int = 14
     return "\n".join(lines) + "\n"
 
 
+def parse_stats(text: str) -> dict[str, int]:
+    """The counters of :data:`STATS` in ``/proc/net/stat/synproxy`` text, summed over the
+    per-CPU rows (hex). A counter the kernel does not list is 0; a row that is not hex is
+    skipped (the file's format is the kernel's, not ours to trust blindly)."""
+    lines = text.splitlines()
+    totals = dict.fromkeys(STATS, 0)
+    if not lines:
+        return totals
+    names = lines[0].split()
+    for line in lines[1:]:
+        fields = line.split()
+        if len(fields) != len(names):
+            continue
+        try:
+            values = [int(field, 16) for field in fields]
+        except ValueError:
+            continue
+        for name, value in zip(names, values, strict=True):
+            if name in totals:
+                totals[name] += value
+    return totals
+
+
 class SynProxy:
     """Loads :func:`ruleset` into this namespace's nftables; :meth:`remove` at stop."""
 
-    def __init__(self) -> None:
+    def __init__(self, stats_file: str = STATS_FILE) -> None:
         self.loaded = False
+        self.stats_file = stats_file
+
+    def stats(self) -> dict[str, int] | None:
+        """The kernel's counters (:func:`parse_stats`) while the proxy is loaded; None when it
+        is not, or the kernel has no such file (no synproxy module: nothing was proxied)."""
+        if not self.loaded:
+            return None
+        try:
+            with open(self.stats_file, encoding="ascii") as fh:
+                return parse_stats(fh.read())
+        except (OSError, UnicodeDecodeError):
+            return None
 
     def apply(self, client_if: str, targets: Sequence[tuple[str, int]]) -> None:
         """Replace the table (one nft transaction). Raises RuntimeError with nft's message."""
