@@ -50,10 +50,12 @@ TCP_SYSCTLS = {
 #: Which tools each benchmark needs on each system (the lab itself needs ``ip``).
 NEEDS: dict[str, dict[str, tuple[str, ...]]] = {
     "throughput": {"kernel": ("iperf3",), "haproxy": ("iperf3", "haproxy"),
-                   "lbd": ("iperf3", "lbd"), "lbd-pure": ("iperf3", "lbd")},
-    "pps": {"kernel": ("iperf3",), "lbd": ("iperf3", "lbd"), "lbd-pure": ("iperf3", "lbd")},
+                   "lbd": ("iperf3", "lbd"), "lbd-pure": ("iperf3", "lbd"),
+                   "lbd-2w": ("iperf3", "lbd")},
+    "pps": {"kernel": ("iperf3",), "lbd": ("iperf3", "lbd"), "lbd-pure": ("iperf3", "lbd"),
+            "lbd-2w": ("iperf3", "lbd")},
     "cps": {"haproxy": ("wrk", "nginx", "haproxy"), "lbd": ("wrk", "nginx", "lbd"),
-            "lbd-pure": ("wrk", "nginx", "lbd")},
+            "lbd-pure": ("wrk", "nginx", "lbd"), "lbd-2w": ("wrk", "nginx", "lbd")},
 }
 
 
@@ -298,16 +300,38 @@ def _tail(path: Path, lines: int = 15) -> str:
         return "(no log)"
 
 
+def _lbd_conf(tmp: Path) -> Path:
+    conf = tmp / "lbd.toml"
+    web = "\n".join(f'  {{ address = "{SERVERS[n]}", port = {HTTP_RPORT} }},'
+                    for n in WEB_SERVERS)
+    conf.write_text(LBD_CONF.format(socket=tmp / "lbd.sock", vip=VIP, iperf=IPERF_PORT,
+                                    http=HTTP_VPORT, s1=SERVERS["s1"], web=web))
+    return conf
+
+
+def start_workers(lab: Lab, tmp: Path, workers: int) -> tuple[subprocess.Popen[bytes], Path]:
+    """Start the multi-worker prototype (bench/workers.py, not lbd) in lba with lbd's bench
+    config; the systems' reachability check says when it forwards."""
+    log = tmp / "workers.log"
+    proc = lab.spawn("lba", [sys.executable, "-m", "bench.workers", "--config",
+                             str(_lbd_conf(tmp)), "--workers", str(workers)],
+                     log=str(log), env=ENV)
+    try:
+        wait_until(lambda: proc.poll() is not None or "workers on" in _tail(log), timeout=20,
+                   what="the workers to start")
+    except TimeoutError as exc:
+        raise BenchError(f"{exc}\n{_tail(log, 5)}") from exc
+    if proc.poll() is not None:
+        raise BenchError(f"bench.workers exited {proc.returncode}:\n{_tail(log, 5)}")
+    return proc, log
+
+
 def start_lbd(lab: Lab, tmp: Path, *, pure: bool = False) -> tuple[subprocess.Popen[bytes], Path]:
     """Start lbd in lba (``pure``: with LBD_NATIVE=pure, else with whatever build the
     environment gives it: lb/native.py); return its process and log. Raises BenchError when
     it does not come up."""
     sock = tmp / "lbd.sock"
-    conf = tmp / "lbd.toml"
-    web = "\n".join(f'  {{ address = "{SERVERS[n]}", port = {HTTP_RPORT} }},'
-                    for n in WEB_SERVERS)
-    conf.write_text(LBD_CONF.format(socket=sock, vip=VIP, iperf=IPERF_PORT, http=HTTP_VPORT,
-                                    s1=SERVERS["s1"], web=web))
+    conf = _lbd_conf(tmp)
     log = tmp / "lbd.log"
     env = {**ENV, "LBD_NATIVE": "pure"} if pure else ENV
     proc = lab.spawn("lba", [str(BIN / "lbd"), "--config", str(conf)], log=str(log), env=env)
@@ -490,6 +514,8 @@ def _setup(system: str, lab: Lab, tmp: Path) -> Target:
         proc, log = start_haproxy(lab, tmp)
     elif system in ("lbd", "lbd-pure"):
         proc, log = start_lbd(lab, tmp, pure=system == "lbd-pure")
+    elif system == "lbd-2w":
+        proc, log = start_workers(lab, tmp, 2)
     else:
         raise ValueError(system)
     return Target(VIP, VIP, HTTP_VPORT, proc, log)

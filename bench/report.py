@@ -13,8 +13,8 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
-SYSTEMS: Final = ("lbd", "kernel", "haproxy", "lbd-pure")
-ALWAYS_SHOWN: Final = SYSTEMS[:3]  # a column for lbd-pure only in a run that measured it
+SYSTEMS: Final = ("lbd", "kernel", "haproxy", "lbd-pure", "lbd-2w")
+ALWAYS_SHOWN: Final = SYSTEMS[:3]  # lbd-pure, lbd-2w: a column only in a run that measured it
 
 Op = Literal[">=", "<="]
 

@@ -44,8 +44,10 @@ FLOOD_RATES = {"synflood_15k": (15000, False), "synflood_max": (0, False),
                "synflood_max_proxy": (0, True)}  # key: (SYN/s, 0 = full rate; syn_proxy)
 VRRP_LOADS = {"vrrp_udp": "iperf3 4 streams + wrk + 64 B UDP flood",
               "vrrp_junk": "iperf3 4 streams + wrk + 64 B junk flood"}
-SYSTEMS_ORDER = ("kernel", "haproxy", "lbd", "lbd-pure")
-DEFAULT_SYSTEMS = ("kernel", "haproxy", "lbd")  # lbd-pure: lbd with LBD_NATIVE=pure, on request
+SYSTEMS_ORDER = ("kernel", "haproxy", "lbd", "lbd-pure", "lbd-2w")
+# On request: lbd-pure, lbd with LBD_NATIVE=pure; lbd-2w, the two-worker prototype
+# (bench/workers.py, not lbd: it measures the design's lever before it is built).
+DEFAULT_SYSTEMS = ("kernel", "haproxy", "lbd")
 
 
 def make_figures(benches: Sequence[str], plan: netbench.Plan, sessions: int,
@@ -122,8 +124,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--only", default=",".join(BENCHES),
                     help=f"comma-separated subset of {','.join(BENCHES)} (default: all)")
     ap.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS),
-                    help="comma-separated subset of lbd,kernel,haproxy,lbd-pure (default: "
-                         "lbd,kernel,haproxy; lbd-pure is lbd on pure-Python modules)")
+                    help="comma-separated subset of lbd,kernel,haproxy,lbd-pure,lbd-2w (default: "
+                         "lbd,kernel,haproxy; lbd-pure is lbd on pure-Python modules, lbd-2w the "
+                         "two-worker prototype of bench/workers.py)")
     ap.add_argument("--duration", type=float, default=3.0,
                     help="seconds per client run (iperf3, wrk); default 3")
     ap.add_argument("--rounds", type=int, default=3,
