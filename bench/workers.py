@@ -97,7 +97,8 @@ def _worker(cfg: Config, fd: int) -> None:
         await stop.wait()
         handle[0].cancel()
         plane.stop()
-        print(f"bench.workers: worker {os.getpid()}: read {plane.rx_packets} in {plane.wakeups} wake-ups, forwarded "
+        print(f"bench.workers: worker {os.getpid()}: read {plane.rx_packets} in "
+              f"{plane.wakeups} wake-ups, forwarded "
               f"{forwarder.packets_in} in / {forwarder.packets_out} out, "
               f"{len(sessions)} sessions, drops {dict(forwarder.drops)}, "
               f"errors {forwarder.errors}", file=sys.stderr, flush=True)
