@@ -40,9 +40,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ha.sync_window import quantile
 from lab.harness import ENV, LabEnv, Lbd, Samples, large_node_config, pair_env
 from lab.topology import VIP, wait_until
+from lb.histogram import quantile
 
 SNAPSHOT_SIZES = (100_000, 1_000_000)
 DELAY_RATE = 5000

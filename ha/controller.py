@@ -502,13 +502,9 @@ class HaController:
             ifname = self.instances[runner.instances[0].name].config.interface
             for reason, n in list(runner.dropped.items()):
                 dropped.add_metric([scope, reason.value], n)
-            counts, acc = list(runner.timer_late), 0  # a copy: the VRRP thread writes it
-            buckets = []
-            for bound, n in zip((*runner.LATE_BUCKETS, float("inf")), counts, strict=True):
-                acc += n
-                buckets.append(("+Inf" if bound == float("inf") else str(bound), acc))
-            late.add_metric([ifname], buckets, runner.timer_late_sum)
-            late_max.add_metric([ifname], runner.timer_late_max)
+            lateness = runner.timer_late  # written by the VRRP thread: exposition copies
+            late.add_metric([ifname], lateness.exposition(), lateness.sum)
+            late_max.add_metric([ifname], lateness.max)
         yield from (state, prio, trans, sent, recv, dropped, rivals, reannounced, late,
                     late_max, relayed)
         yield CounterMetricFamily("lbd_garps_sent", "Gratuitous ARPs sent",

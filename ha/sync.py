@@ -605,9 +605,9 @@ class SyncService:
 
     def _delay_summary(self) -> dict[str, Any]:
         d = self._window.delays
-        if not d.total:
+        if not d.count:
             return {"records": 0}
-        return {"records": d.total, "mean": round(d.sum / d.total, 6),
+        return {"records": d.count, "mean": round(d.sum / d.count, 6),
                 "p50": round(d.quantile(0.5), 6), "p99": round(d.quantile(0.99), 6)}
 
     @staticmethod
@@ -664,7 +664,7 @@ class SyncService:
             "lbd_sync_ack_delay_seconds", "Per change record sent to the peer: from when it "
             "was queued to the arrival of the peer's acknowledgement that it was applied (an "
             "upper bound of creation to installation on the peer); snapshots left out")
-        delay.add_metric([], [(_le(b), n) for b, n in d.cumulative()], d.sum)
+        delay.add_metric([], d.exposition(), d.sum)
         yield delay
         last = GaugeMetricFamily("lbd_sync_last_snapshot_seconds",
                                  "Time the last snapshot from the peer took, from its first "
@@ -687,7 +687,3 @@ class SyncService:
                                   "masters (in a handback's instant), sent to the peer",
                                   value=self.rep.opened_unowned)
 
-
-def _le(bound: float) -> str:
-    """A bucket's ``le`` label as Prometheus writes it."""
-    return "+Inf" if bound == float("inf") else repr(bound)

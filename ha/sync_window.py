@@ -20,8 +20,9 @@ Rules:
   our write buffer, the kernel's socket buffers on both ends, the peer's queue — which is
   what :class:`Backlog` bounds (the write buffer alone says nothing until the kernel's
   buffers, several hundred kB, are full).
-- The delay of a change (:class:`DelayHistogram`): a write of changes may say when the first
-  of them was queued (``queued_at``); when the peer's acknowledgement covers it, every record
+- The delay of a change (:attr:`AckWindow.delays`, an ``lb.histogram.Histogram``): a write
+  of changes may say when the first of them was queued (``queued_at``); when the peer's
+  acknowledgement covers it, every record
   of the write is counted with the delay from then to the acknowledgement's arrival (the
   caller's ``now``). Each record was created at or after ``queued_at`` and installed by the
   peer before it sent the acknowledgement, so the delay is an upper bound of the time from a
@@ -37,62 +38,12 @@ Rules:
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+
+from lb.histogram import Histogram
 
 DELAY_BUCKETS: tuple[float, ...] = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015,
                                     0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 """Upper bounds (seconds) of the change delay histogram's buckets; +Inf follows."""
-
-
-class DelayHistogram:
-    """Cumulative-by-bucket delays, as Prometheus histograms want them (pure)."""
-
-    def __init__(self, buckets: Sequence[float] = DELAY_BUCKETS) -> None:
-        self.buckets = tuple(buckets)
-        self.counts = [0] * (len(self.buckets) + 1)  # per bucket, not cumulative; last: +Inf
-        self.total = 0
-        self.sum = 0.0
-
-    def observe(self, delay: float, weight: int = 1) -> None:
-        """``weight`` records waited ``delay`` seconds each."""
-        i = 0
-        for bound in self.buckets:
-            if delay <= bound:
-                break
-            i += 1
-        self.counts[i] += weight
-        self.total += weight
-        self.sum += delay * weight
-
-    def cumulative(self) -> list[tuple[float, int]]:
-        """(upper bound, records at or below it), the last bound ``inf``."""
-        out, acc = [], 0
-        for bound, n in zip((*self.buckets, float("inf")), self.counts, strict=True):
-            acc += n
-            out.append((bound, acc))
-        return out
-
-    def quantile(self, q: float) -> float:
-        """The ``q`` quantile, interpolated within its bucket as PromQL's
-        ``histogram_quantile`` does (NaN when empty; the highest finite bound when it falls in
-        +Inf)."""
-        return quantile(self.cumulative(), q)
-
-
-def quantile(cumulative: Sequence[tuple[float, int | float]], q: float) -> float:
-    """``histogram_quantile`` over (upper bound, cumulative count) pairs ending with +Inf."""
-    if not cumulative or cumulative[-1][1] <= 0:
-        return float("nan")
-    rank = q * cumulative[-1][1]
-    lower, below = 0.0, 0.0
-    for bound, acc in cumulative:
-        if acc >= rank:
-            if bound == float("inf"):
-                return lower
-            inside = acc - below
-            return lower + (bound - lower) * ((rank - below) / inside if inside else 1.0)
-        lower, below = bound, acc
-    return lower
 
 
 class AckWindow:
@@ -108,7 +59,7 @@ class AckWindow:
         """Sequence number of the last frame written."""
         self.acked_sequence = 0
         """Highest sequence number the peer acknowledged."""
-        self.delays = DelayHistogram()
+        self.delays = Histogram(DELAY_BUCKETS)
         """Delays of acknowledged changes; kept across connections (a metric)."""
 
     @property

@@ -44,6 +44,7 @@ from ha.vrrp_packet import (
     parse_advert,
 )
 from lb.addr import int_to_ip
+from lb.histogram import Histogram
 
 _log = logging.getLogger(__name__)
 
@@ -242,12 +243,10 @@ class VrrpRunner:
         self.recv_errors = 0
         self.send_errors = 0
         self.callback_errors = 0
-        self.timer_late = [0] * (len(self.LATE_BUCKETS) + 1)
+        self.timer_late = Histogram(self.LATE_BUCKETS)
         """How late the machines' timer ran (the loop's time at the callback minus the
         deadline asked for), counted per :attr:`LATE_BUCKETS` bucket: an advert leaves right
         after, so this is how late a master's adverts leave (issue 10: never starved)."""
-        self.timer_late_sum = 0.0
-        self.timer_late_max = 0.0
 
     # ---------------------------------------------------------------- daemon API
 
@@ -339,7 +338,7 @@ class VrrpRunner:
         due = self._timer_at or 0.0
         now = max(t, due)
         self._timer = self._timer_at = None
-        self._count_lateness(now - due)
+        self.timer_late.observe(now - due)
         # What the socket holds comes first. After a pause (SIGSTOP, a VM freeze) it holds
         # the adverts that arrived meanwhile, and uvloop runs an overdue timer before the
         # reader: a backup would take over from a live master until it read them (seen:
@@ -431,16 +430,6 @@ class VrrpRunner:
             self._timer.cancel()
         self._timer_at = deadline
         self._timer = None if deadline is None else self._loop.call_at(deadline, self._on_timer)
-
-    def _count_lateness(self, late: float) -> None:
-        for i, bound in enumerate(self.LATE_BUCKETS):
-            if late <= bound:
-                self.timer_late[i] += 1
-                break
-        else:
-            self.timer_late[-1] += 1
-        self.timer_late_sum += late
-        self.timer_late_max = max(self.timer_late_max, late)
 
     def _drop(self, reason: RejectReason) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1

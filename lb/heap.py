@@ -32,6 +32,8 @@ from typing import Final
 
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 
+from lb.histogram import Histogram
+
 FREEZE_STEP: Final = 5_000
 """Entries created (sessions, bindings: by this node or installed from the peer) between
 two freezes: a collection rescans at most about this many of them."""
@@ -51,8 +53,7 @@ class HeapWatch:
         self.step = step
         self._frozen_at = created()
         self.freezes = 0
-        self.pauses = [[0] * (len(PAUSE_BUCKETS) + 1) for _ in range(3)]
-        self.pause_sum = [0.0, 0.0, 0.0]
+        self.pauses = [Histogram(PAUSE_BUCKETS) for _ in range(3)]  # per generation
         self._started = 0.0
         self._installed = False
 
@@ -86,25 +87,14 @@ class HeapWatch:
             return
         took = time.perf_counter() - self._started
         gen = min(max(info.get("generation", 0), 0), 2)
-        counts = self.pauses[gen]
-        for i, bound in enumerate(PAUSE_BUCKETS):
-            if took <= bound:
-                counts[i] += 1
-                break
-        else:
-            counts[-1] += 1
-        self.pause_sum[gen] += took
+        self.pauses[gen].observe(took)
 
     def metrics(self) -> Iterator[Metric]:
         hist = HistogramMetricFamily("lbd_gc_pause_seconds",
                                      "Cyclic garbage collections by generation, timed (the GIL "
                                      "is held throughout)", labels=["generation"])
-        for gen in range(3):
-            acc, buckets = 0, []
-            for bound, n in zip((*PAUSE_BUCKETS, float("inf")), self.pauses[gen], strict=True):
-                acc += n
-                buckets.append(("+Inf" if bound == float("inf") else str(bound), acc))
-            hist.add_metric([str(gen)], buckets, self.pause_sum[gen])
+        for gen, pauses in enumerate(self.pauses):
+            hist.add_metric([str(gen)], pauses.exposition(), pauses.sum)
         yield hist
         yield CounterMetricFamily("lbd_gc_freezes", "Heap freezes as the tables grew "
                                   "(gc.freeze: no longer rescanned by collections)",

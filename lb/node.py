@@ -39,6 +39,7 @@ from lb.health.monitor import HealthMonitor, PoolChecks
 from lb.health.probes import ProbeResult
 from lb.health.state import Transition
 from lb.heap import HeapWatch
+from lb.histogram import Histogram
 from lb.kernel import Kernel
 from lb.listing import (
     Filter,
@@ -78,9 +79,7 @@ class CheckStats:
     """Check durations (histogram) and transitions, fed by the health monitor's hooks."""
 
     def __init__(self) -> None:
-        self.buckets = [0] * (len(DURATION_BUCKETS) + 1)
-        self.count = 0
-        self.total = 0.0
+        self.durations = Histogram(DURATION_BUCKETS)
         self.transitions: dict[tuple[str, str, str], int] = {}
         # Counts of monitors replaced by a reload: their counters must not go back to zero.
         self.carried_checks: dict[tuple[str, str, str], int] = {}
@@ -94,23 +93,12 @@ class CheckStats:
                 dst[labels] = dst.get(labels, 0) + n
 
     def observe(self, server: RealServer, result: ProbeResult) -> None:
-        self.count += 1
-        self.total += result.duration
-        for i, bound in enumerate(DURATION_BUCKETS):
-            if result.duration <= bound:
-                self.buckets[i] += 1
-                break
-        else:
-            self.buckets[-1] += 1
+        self.durations.observe(result.duration)
 
     def metrics(self, monitor: Callable[[], HealthMonitor | None]) -> list[Metric]:
-        cum, acc = [], 0
-        for bound, n in zip((*DURATION_BUCKETS, float("inf")), self.buckets, strict=True):
-            acc += n
-            cum.append((str(bound) if bound != float("inf") else "+Inf", acc))
         hist = HistogramMetricFamily("lbd_health_check_duration_seconds",
                                      "Duration of health check probes")
-        hist.add_metric([], cum, self.total)
+        hist.add_metric([], self.durations.exposition(), self.durations.sum)
         checks = CounterMetricFamily("lbd_health_checks", "Health check probes run",
                                      labels=["pool", "server", "result"])
         failures = CounterMetricFamily("lbd_health_check_failures",

@@ -968,8 +968,8 @@ def test_runner_counts_how_late_its_timer_ran() -> None:
     r = rig([("front", machine(255, A_ADDR, interval=0.1), ())])
     r.runner.start()
     r.loop.advance(0.25)  # two timers, on time
-    assert r.runner.timer_late[0] == 2 and sum(r.runner.timer_late) == 2
-    assert r.runner.timer_late_max == 0.0
+    assert r.runner.timer_late.counts[0] == 2 and r.runner.timer_late.count == 2
+    assert r.runner.timer_late.max == 0.0
     (handle,) = r.loop.pending()
     r.loop.now = handle.when + 0.03  # the loop woke 30 ms late
     handle.cancelled = True
@@ -977,9 +977,9 @@ def test_runner_counts_how_late_its_timer_ran() -> None:
     handle.callback()
     assert len(r.transport.sent) == sent + 1  # the advert left then
     bounds = VrrpRunner.LATE_BUCKETS
-    assert r.runner.timer_late[bounds.index(0.05)] == 1
-    assert r.runner.timer_late_max == pytest.approx(0.03)
-    assert r.runner.timer_late_sum == pytest.approx(0.03)
+    assert r.runner.timer_late.counts[bounds.index(0.05)] == 1
+    assert r.runner.timer_late.max == pytest.approx(0.03)
+    assert r.runner.timer_late.sum == pytest.approx(0.03)
     r.loop.now = r.loop.pending()[0].when + 0.5  # beyond the last bound
     r.loop.pending()[0].callback()
-    assert r.runner.timer_late[-1] == 1
+    assert r.runner.timer_late.counts[-1] == 1
