@@ -40,8 +40,9 @@ T = TypeVar("T")
 
 BENCHES = ("throughput", "pps", "cps", "memory", "failover", "sync", "syncnet", "synflood",
            "vrrpload")
-FLOOD_RATES = {"synflood_15k": (15000, False), "synflood_max": (0, False),
-               "synflood_max_proxy": (0, True)}  # key: (SYN/s, 0 = full rate; syn_proxy)
+FLOOD_RATES: dict[str, tuple[int, bool | str]] = {  # key: (SYN/s, 0 = full rate; syn_proxy)
+    "synflood_15k": (15000, False), "synflood_max": (0, False),
+    "synflood_max_proxy": (0, True), "synflood_max_auto": (0, "auto")}
 VRRP_LOADS = {"vrrp_udp": "iperf3 4 streams + wrk + 64 B UDP flood",
               "vrrp_junk": "iperf3 4 streams + wrk + 64 B junk flood"}
 SYSTEMS_ORDER = ("kernel", "haproxy", "lbd", "lbd-pure", "lbd-2w")
@@ -103,7 +104,8 @@ def make_figures(benches: Sequence[str], plan: netbench.Plan, sessions: int,
         for key, (rate, proxy) in FLOOD_RATES.items():
             figs.append(Figure(key, "Real clients' GETs through a spoofed SYN flood at "
                                + (f"{rate:,} SYN/s" if rate else "full raw-socket rate")
-                               + (", syn_proxy on" if proxy else ""),
+                               + (f", syn_proxy {'auto' if proxy == 'auto' else 'on'}"
+                                  if proxy else ""),
                                "share", True, (Check(None, ">=", 0.95),)))
     if "vrrpload" in benches:
         for key, what in VRRP_LOADS.items():
@@ -345,9 +347,9 @@ def _rounds(rounds: int, figs: Sequence[Figure], what: str,
         yield got
 
 
-def _synflood(rounds: int, fig: Figure, rate: int, proxy: bool) -> None:
+def _synflood(rounds: int, fig: Figure, rate: int, proxy: bool | str) -> None:
     what = f"SYN flood at {rate} SYN/s" if rate else "SYN flood at full rate"
-    what += ", syn_proxy on" if proxy else ""
+    what += f", syn_proxy {'auto' if proxy == 'auto' else 'on'}" if proxy else ""
     for rnd, got in enumerate(_rounds(rounds, [fig], what,
                                       lambda: synflood.one_round(rate, proxy))):
         fig.add_sample("lbd", got.legit_ok)

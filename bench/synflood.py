@@ -53,8 +53,9 @@ def _last_json(proc: subprocess.Popen[str], timeout: float) -> dict[str, object]
     return got
 
 
-def one_round(rate: int, syn_proxy: bool = False) -> FloodRound:
-    """One round; ``syn_proxy``: with ``[dataplane] syn_proxy = true`` (lb.synproxy)."""
+def one_round(rate: int, syn_proxy: bool | str = False) -> FloodRound:
+    """One round; ``syn_proxy``: with ``[dataplane] syn_proxy = true`` or ``"auto"``
+    (lb.synproxy; the real clients start 2 s into the flood, after "auto" engaged)."""
     lab = Lab()
     try:
         build(lab)
@@ -63,7 +64,8 @@ def one_round(rate: int, syn_proxy: bool = False) -> FloodRound:
             env.start_servers()
             text = shipped_node_config("single", env.tmp)
             if syn_proxy:
-                text = text.replace("[dataplane]\n", "[dataplane]\nsyn_proxy = true\n", 1)
+                value = '"auto"' if syn_proxy == "auto" else "true"
+                text = text.replace("[dataplane]\n", f"[dataplane]\nsyn_proxy = {value}\n", 1)
             lbd = env.lbd(text)
             wait_until(lambda: all(s["up"] for s in lbd.ctl("servers")), timeout=15,
                        what="the servers to be up")

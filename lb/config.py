@@ -114,8 +114,11 @@ class DataplaneConfig:
     tun_queue: int = 8192
     # The kernel's SYN proxy (nftables synproxy) answers SYNs to the TCP virtual servers with
     # SYN cookies: a spoofed SYN flood never reaches the TUN. Flows opened through it do not
-    # survive a failover (lb.synproxy): off by default.
-    syn_proxy: bool = False
+    # survive a failover (lb.synproxy): off by default. "auto": engaged only while lbd's
+    # half-open sessions reach syn_proxy_half_open, released after syn_proxy_hold of calm.
+    syn_proxy: bool | Literal["auto"] = False
+    syn_proxy_half_open: int = 1000
+    syn_proxy_hold: float = 30.0
 
 
 RULE_PRIORITY_SPAN: Final = 64
@@ -599,7 +602,11 @@ def _dataplane(t: _Table) -> DataplaneConfig:
         rule_priority=t.get("rule_priority", _rule_priority, _default(d, "rule_priority")),
         rps_cpus=t.get("rps_cpus", _cpu_mask, _default(d, "rps_cpus")),
         tun_queue=t.get("tun_queue", _int(64, 1 << 20), _default(d, "tun_queue")),
-        syn_proxy=t.get("syn_proxy", _bool, _default(d, "syn_proxy")),
+        syn_proxy=t.get("syn_proxy", _syn_proxy, _default(d, "syn_proxy")),
+        syn_proxy_half_open=t.get("syn_proxy_half_open", _int(1),
+                                  _default(d, "syn_proxy_half_open")),
+        syn_proxy_hold=t.get("syn_proxy_hold", _duration(positive=True),
+                             _default(d, "syn_proxy_hold")),
     )
     if dp.tun and dp.tun in {dp.client_interface, dp.server_interface}:
         t.errors.add(t.at("tun"), f"{json.dumps(dp.tun)} is also a client or server interface")
@@ -1155,6 +1162,15 @@ def _bool(errors: _Errors, path: str, value: object) -> bool | None:
     if isinstance(value, bool):
         return value
     errors.add(path, f"expected a boolean (true or false), got {_describe(value)}")
+    return None
+
+
+def _syn_proxy(errors: _Errors, path: str, value: object) -> bool | Literal["auto"] | None:
+    if isinstance(value, bool):
+        return value
+    if value == "auto":
+        return "auto"
+    errors.add(path, f'expected true, false or "auto", got {_describe(value)}')
     return None
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -151,18 +152,27 @@ def dataplane_metrics(fwd: Forwarder, services: Callable[[], ServiceSet],
     return collect
 
 
-def syn_proxy_metrics(stats: Callable[[], dict[str, int] | None]) -> Source:
-    """``lbd_syn_proxy_enabled`` and, while it is, the kernel's SYN proxy counters as
-    ``lbd_syn_proxy_<name>_total`` (lb.synproxy: read from /proc at scrape time)."""
+def syn_proxy_metrics(status: Callable[[], Mapping[str, Any]]) -> Source:
+    """``lbd_syn_proxy_enabled``, ``_engaged``, ``_engagements_total`` and, while enabled,
+    the kernel's SYN proxy counters as ``lbd_syn_proxy_<name>_total``, from ``status``
+    (the node's ``syn_proxy`` status: lb.synproxy, read from /proc at scrape time)."""
     def collect() -> Iterator[Metric]:
-        counts = stats()
+        now = status()
         yield GaugeMetricFamily("lbd_syn_proxy_enabled",
+                                "1 while the kernel's SYN proxy is loaded for the TCP "
+                                "virtual servers ([dataplane] syn_proxy on or auto)",
+                                value=1 if now["enabled"] else 0)
+        yield GaugeMetricFamily("lbd_syn_proxy_engaged",
                                 "1 while the kernel's SYN proxy answers SYNs to the TCP "
-                                "virtual servers ([dataplane] syn_proxy)",
-                                value=0 if counts is None else 1)
-        for name, value in (counts or {}).items():
-            yield CounterMetricFamily(f"lbd_syn_proxy_{name}", SYN_PROXY_HELP[name],
-                                      value=value)
+                                "virtual servers (always when on; during a flood when auto)",
+                                value=1 if now["engaged"] else 0)
+        yield CounterMetricFamily("lbd_syn_proxy_engagements",
+                                  "Times syn_proxy = auto engaged the proxy",
+                                  value=now["engagements"])
+        for name in SYN_PROXY_HELP:
+            if name in now:
+                yield CounterMetricFamily(f"lbd_syn_proxy_{name}", SYN_PROXY_HELP[name],
+                                          value=now[name])
     return collect
 
 

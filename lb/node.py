@@ -58,13 +58,18 @@ from lb.services import Service, ServiceSet, build_services
 from lb.sessions import Session, SessionTable, SessionTimeouts
 from lb.snapshot_store import SnapshotStore
 from lb.source_limits import CONN_LIMIT, RATE_LIMIT, SourceTracker
-from lb.synproxy import SynProxy
+from lb.synproxy import ENGAGE, AutoProxy, SynProxy
 from lb.table_snapshot import Installed
 from lb.tun import open_tun
 
 log = logging.getLogger("lbd")
 
 PROTO_NAMES = {6: "tcp", 17: "udp"}
+AUTO_PROXY_TICK = 1.0  # seconds between two looks of syn_proxy = "auto" at the half-open count
+# After a release, conntrack goes on judging unknown ACKs as invalid (so the armed rule still
+# validates the cookies of handshakes the proxy began) this long before it picks flows up
+# mid-stream again.
+AUTO_PROXY_RELEASE_GRACE = 3.0
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
@@ -134,6 +139,11 @@ class Node:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.kernel: Kernel | None = None
         self.syn_proxy = SynProxy()
+        dp = config.dataplane
+        self.auto_proxy = (AutoProxy(dp.syn_proxy_half_open, dp.syn_proxy_hold)
+                           if dp.syn_proxy == "auto" else None)
+        self._auto_proxy_timer: asyncio.TimerHandle | None = None
+        self._auto_proxy_timer_grace: asyncio.TimerHandle | None = None
         self.tun_fd = -1
         self.tun_index = 0
         # Which VRRP instances this node masters: the one owner of roles (see ha.roles).
@@ -222,9 +232,10 @@ class Node:
                                              self._server_addresses())
         if dp.syn_proxy:
             await self._apply_syn_proxy(cfg)
-            # An ACK that matches no conntrack entry must reach synproxy as 'invalid', not be
-            # picked up as an established flow (which would bypass the cookie check).
-            self.kernel.change_sysctl("net.netfilter.nf_conntrack_tcp_loose", "0")
+            self._conntrack_for_proxy(pick_up=self.auto_proxy is not None)
+            if self.auto_proxy is not None:
+                self._auto_proxy_timer = self.loop.call_later(AUTO_PROXY_TICK,
+                                                              self._auto_proxy_tick)
         else:
             await asyncio.to_thread(self.syn_proxy.remove, leftover=True)
         self.dataplane = DataPlane(self.tun_fd, self.forwarder, batch=dp.batch)
@@ -238,7 +249,7 @@ class Node:
         self.collector.sources.append(self._node_gauges)
         self.collector.sources.append(self.snapshots.metrics)
         self.collector.sources.append(self.heap.metrics)
-        self.collector.sources.append(syn_proxy_metrics(self.syn_proxy.stats))
+        self.collector.sources.append(syn_proxy_metrics(self.syn_proxy_status))
         self.control = ControlServer(cfg.node.control_socket, self.control_handlers())
         await self.control.start()
         if cfg.metrics.listen is not None:
@@ -299,6 +310,9 @@ class Node:
             await self.sync.stop()
         if self._expiry is not None:
             self._expiry.cancel()
+        for timer in (self._auto_proxy_timer, self._auto_proxy_timer_grace):
+            if timer is not None:
+                timer.cancel()
         self.heap.uninstall()
         if self._ramp_timer is not None:
             self._ramp_timer.cancel()
@@ -505,14 +519,62 @@ class Node:
         return None
 
     async def _apply_syn_proxy(self, config: Config) -> None:
-        """Point the kernel's SYN proxy at the TCP virtual servers of ``config``."""
+        """Point the kernel's SYN proxy at the TCP virtual servers of ``config``: engaged, or
+        armed while ``"auto"`` is not engaged."""
         targets = [(vs.address, vs.port) for vs in config.virtual_servers
                    if vs.protocol == "tcp"]
+        engaged = self.auto_proxy is None or self.auto_proxy.engaged
         try:
             await asyncio.to_thread(self.syn_proxy.apply, config.dataplane.client_interface,
-                                    targets)
+                                    targets, engaged=engaged)
         except RuntimeError as exc:
             raise RuntimeError(f"{config.source}: dataplane.syn_proxy: {exc}") from exc
+
+    def _conntrack_for_proxy(self, *, pick_up: bool) -> None:
+        """The conntrack settings the proxy needs (restored at stop). Not ``pick_up``
+        (engaged): an ACK that matches no conntrack entry must reach synproxy as 'invalid',
+        not be picked up as an established flow (which would bypass the cookie check).
+        ``pick_up`` (armed, "auto"): flows are picked up mid-stream (the peer's, after a
+        failover) and, with "auto", never judged by window, so that conntrack tracks them
+        when the proxy engages."""
+        assert self.kernel is not None
+        self.kernel.change_sysctl("net.netfilter.nf_conntrack_tcp_loose",
+                                  "1" if pick_up else "0")
+        if self.auto_proxy is not None:
+            self.kernel.change_sysctl("net.netfilter.nf_conntrack_tcp_be_liberal", "1")
+
+    def _auto_proxy_tick(self) -> None:
+        assert self.loop is not None and self.auto_proxy is not None
+        self._auto_proxy_timer = self.loop.call_later(AUTO_PROXY_TICK, self._auto_proxy_tick)
+        table = self.sessions
+        action = self.auto_proxy.tick(time.monotonic(), table.half_open,
+                                      self.syn_proxy.stats(), evicted=table.half_open_evictions)
+        if action is not None:
+            self._spawn(self._auto_proxy_apply(action, table.half_open))
+
+    async def _auto_proxy_apply(self, action: str, half_open: int) -> None:
+        """Engage (conntrack stops picking up flows first, then the ruleset) or release
+        (the armed ruleset first, conntrack picks up again after a grace)."""
+        assert self.auto_proxy is not None and self.loop is not None
+        async with self._reconfig:
+            if action == ENGAGE:
+                self._conntrack_for_proxy(pick_up=False)
+            try:
+                await self._apply_syn_proxy(self.config)
+            except RuntimeError as exc:
+                self.auto_proxy.undo()  # tried again on the next tick
+                if action == ENGAGE:  # still armed
+                    self._conntrack_for_proxy(pick_up=True)
+                log.error("syn_proxy auto: cannot %s: %s", action, exc)
+                return
+        if action == ENGAGE:
+            log.warning("syn_proxy auto: engaged, %d half-open sessions (the SYN flood is "
+                        "answered by the kernel from now on)", half_open)
+        else:
+            self._auto_proxy_timer_grace = self.loop.call_later(AUTO_PROXY_RELEASE_GRACE,
+                                                                self._auto_proxy_pick_up)
+            log.warning("syn_proxy auto: released after %.0f s with fewer than %d "
+                        "unanswered SYN/s", self.auto_proxy.hold, self.auto_proxy.half_open)
 
     async def _install_services(self, config: Config) -> None:
         """Rebuild the services from ``config`` with the runtime owner's operator records on
@@ -685,11 +747,21 @@ class Node:
                 "rate_limit_drops": drops.get(RATE_LIMIT, 0),
                 "untracked": tracker.untracked, "evicted": tracker.evicted}
 
+    def _auto_proxy_pick_up(self) -> None:
+        if self.auto_proxy is not None and not self.auto_proxy.engaged and self.kernel:
+            self._conntrack_for_proxy(pick_up=True)
+
     def syn_proxy_status(self) -> dict[str, Any]:
-        """``[dataplane] syn_proxy`` at a glance: on or off and, while on, the kernel's
-        counters (lb.synproxy; the same as ``lbd_syn_proxy_*_total``)."""
+        """``[dataplane] syn_proxy`` at a glance: on or off, engaged or not (``"auto"``),
+        and while on the kernel's counters (lb.synproxy; the same as
+        ``lbd_syn_proxy_*_total``)."""
         stats = self.syn_proxy.stats()
-        return {"enabled": stats is not None, **(stats or {})}
+        auto, setting = self.auto_proxy, self.config.dataplane.syn_proxy
+        return {"enabled": stats is not None,
+                "mode": "auto" if setting == "auto" else "on" if setting else "off",
+                "engaged": self.syn_proxy.engaged,
+                "engagements": auto.engagements if auto else int(self.syn_proxy.engaged),
+                **(stats or {})}
 
     _LIST_OPTIONS: dict[str, type[int] | type[str] | None] = {
         "--virtual": str, "--server": str, "--client": str, "--limit": int}

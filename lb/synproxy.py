@@ -11,8 +11,22 @@ translates the two sequence spaces for the rest of the flow (conntrack's seqadj)
 
 The cost, and why it is off by default: that translation lives in this box's conntrack
 only. A flow opened through the proxy does not survive a failover to the peer (the peer's
-lbd has the session, not the sequence offset), nor a conntrack flush. Flows opened with the
-proxy off are untouched by turning it on.
+lbd has the session, not the sequence offset), nor a conntrack flush; and while the proxy
+answers SYNs, conntrack must not pick up flows it has not seen from their SYN (that is how
+a bare ACK reaches the cookie check), so flows the peer opened are dropped here after a
+failover too.
+
+``syn_proxy = "auto"`` pays that cost only during an attack (:class:`AutoProxy`). The table
+is loaded *armed* from the start: the ``synproxy`` rule is there (so conntrack tracks every
+flow from its SYN, and the kernel's proxy hooks that translate proxied flows stay
+registered), but no SYN is untracked, so none reaches it; conntrack picks up flows mid-stream
+(``nf_conntrack_tcp_loose = 1``) and never judges them by window (``tcp_be_liberal = 1``),
+so the peer's flows after a failover pass. When lbd's half-open sessions reach
+``syn_proxy_half_open`` the proxy is *engaged* (SYNs untracked, invalid ACKs dropped,
+``loose = 0``) in one transaction: flows conntrack already tracks are untouched. It is
+released, back to armed, once the kernel has answered fewer than ``syn_proxy_half_open``
+SYNs per second that no ACK completed, for ``syn_proxy_hold``; flows opened through it go on
+being translated.
 
 What the proxy does is counted by the kernel, per network namespace, in
 ``/proc/net/stat/synproxy`` (one row of hex counters per CPU). lbd reads that file at scrape
@@ -57,11 +71,13 @@ METRIC_HELP: dict[str, str] = {
 }
 
 
-def ruleset(client_if: str, targets: Iterable[tuple[str, int]], *, mss: int = 1460) -> str:
+def ruleset(client_if: str, targets: Iterable[tuple[str, int]], *, mss: int = 1460,
+            engaged: bool = True) -> str:
     """The nft script that (re)creates :data:`TABLE` for ``targets`` (VIP, port) arriving on
     ``client_if``: their SYNs are not tracked (prerouting, raw priority), and the forward
     hook hands untracked SYNs and unknown ACKs to ``synproxy``; an ACK without a valid cookie
-    (``invalid``) is dropped. Empty ``targets``: the table is only removed."""
+    (``invalid``) is dropped. Not ``engaged`` (armed, ``"auto"``): only the ``synproxy`` rule,
+    which no SYN reaches. Empty ``targets``: the table is only removed."""
     wanted = sorted(set(targets))
     lines = [f"table ip {TABLE} {{}}", f"delete table ip {TABLE}"]  # create-then-delete: idempotent
     if wanted:
@@ -73,19 +89,87 @@ def ruleset(client_if: str, targets: Iterable[tuple[str, int]], *, mss: int = 14
             "    type ipv4_addr . inet_service",
             f"    elements = {{ {elems} }}",
             "  }",
-            "  chain raw_prerouting {",
-            "    type filter hook prerouting priority raw; policy accept;",
-            f"    {match} tcp flags syn notrack",
-            "  }",
+        ]
+        if engaged:
+            lines += [
+                "  chain raw_prerouting {",
+                "    type filter hook prerouting priority raw; policy accept;",
+                f"    {match} tcp flags syn notrack",
+                "  }",
+            ]
+        lines += [
             "  chain filter_forward {",
             "    type filter hook forward priority filter; policy accept;",
             f"    {match} ct state invalid,untracked synproxy mss {mss} wscale 7 "
             "timestamp sack-perm",
-            f"    {match} ct state invalid drop",
-            "  }",
-            "}",
         ]
+        if engaged:
+            lines.append(f"    {match} ct state invalid drop")
+        lines += ["  }", "}"]
     return "\n".join(lines) + "\n"
+
+
+ENGAGE = "engage"
+RELEASE = "release"
+
+
+class AutoProxy:
+    """When ``syn_proxy = "auto"`` engages and releases the proxy (pure: fed once a second).
+
+    Engage when lbd's table holds ``half_open`` half-open sessions and they are still
+    coming (more than at the last look, or the table evicted some for new ones since): a
+    flood lbd itself sees, not the leftovers of one that is over (they wait out their SYN
+    timeout). Once engaged, lbd sees no flood any more (the kernel answers it), so release is
+    judged by the kernel's counters: SYNs answered with a cookie that no ACK completed
+    (``syn_received - cookie_valid``) per second, below ``half_open`` for ``hold`` seconds.
+    """
+
+    def __init__(self, half_open: int, hold: float) -> None:
+        self.half_open = half_open
+        self.hold = hold
+        self.engaged = False
+        self.engagements = 0
+        self._calm_since: float | None = None
+        self._last: tuple[float, int] | None = None  # (when, unanswered SYNs so far)
+        self._last_half_open = (0, 0)  # (half-open sessions, evictions) at the last look
+
+    def tick(self, now: float, half_open: int, stats: dict[str, int] | None, *,
+             evicted: int = 0) -> str | None:
+        """:data:`ENGAGE`, :data:`RELEASE` or None, given lbd's half-open sessions, the
+        half-open evictions so far and the kernel's counters (:func:`parse_stats`; None when
+        unreadable: no release then)."""
+        coming = half_open > self._last_half_open[0] or evicted > self._last_half_open[1]
+        self._last_half_open = (half_open, evicted)
+        rate: float | None = None
+        if stats is not None:
+            unanswered = stats["syn_received"] - stats["cookie_valid"]
+            if self._last is not None and now > self._last[0]:
+                rate = max(0, unanswered - self._last[1]) / (now - self._last[0])
+            self._last = (now, unanswered)
+        if not self.engaged:
+            if half_open >= self.half_open and coming:
+                self.engaged = True
+                self.engagements += 1
+                self._calm_since = None
+                return ENGAGE
+            return None
+        if rate is None or rate >= self.half_open:
+            self._calm_since = None
+            return None
+        if self._calm_since is None:
+            self._calm_since = now
+        if now - self._calm_since >= self.hold:
+            self.engaged = False
+            self._calm_since = None
+            return RELEASE
+        return None
+
+    def undo(self) -> None:
+        """The last action could not be applied: back to the state before it (the next tick
+        decides again, as if it were the first look)."""
+        self.engaged = not self.engaged
+        self._calm_since = None
+        self._last_half_open = (0, 0)
 
 
 def parse_stats(text: str) -> dict[str, int]:
@@ -116,6 +200,7 @@ class SynProxy:
 
     def __init__(self, stats_file: str = STATS_FILE) -> None:
         self.loaded = False
+        self.engaged = False
         self.stats_file = stats_file
 
     def stats(self) -> dict[str, int] | None:
@@ -129,19 +214,25 @@ class SynProxy:
         except (OSError, UnicodeDecodeError):
             return None
 
-    def apply(self, client_if: str, targets: Sequence[tuple[str, int]]) -> None:
-        """Replace the table (one nft transaction). Raises RuntimeError with nft's message."""
-        _nft(ruleset(client_if, targets))
+    def apply(self, client_if: str, targets: Sequence[tuple[str, int]], *,
+              engaged: bool = True) -> None:
+        """Replace the table (one nft transaction), engaged or armed (:func:`ruleset`).
+        Raises RuntimeError with nft's message; the table in force then stays."""
+        _nft(ruleset(client_if, targets, engaged=engaged))
+        was = self.loaded and self.engaged
         self.loaded = bool(targets)
-        if self.loaded:
-            log.info("syn_proxy: the kernel's SYN proxy answers SYNs to the TCP virtual "
-                     "servers on %s (nft table ip %s)", client_if, TABLE)
+        self.engaged = self.loaded and engaged
+        if self.engaged and not was:
+            log.warning("syn_proxy: the kernel's SYN proxy answers SYNs to the TCP virtual "
+                        "servers on %s (nft table ip %s)", client_if, TABLE)
+        elif self.loaded and not self.engaged:
+            log.warning("syn_proxy: armed, not answering SYNs (nft table ip %s)", TABLE)
 
     def remove(self, *, leftover: bool = False) -> None:
         """Remove the table, if there is one. ``leftover``: at a start with the proxy off, a
         killed lbd's table, quietly and only when nft is there to ask (a box that never used
         the proxy needs no nft)."""
-        self.loaded = False
+        self.loaded = self.engaged = False
         if leftover and shutil.which(NFT) is None:
             return
         try:

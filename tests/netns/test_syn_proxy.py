@@ -96,7 +96,8 @@ def test_a_full_rate_syn_flood_never_reaches_lbd_and_real_clients_connect(
     wait_until(lambda: exported_stats(env) == kernel_stats(env), timeout=5,
                what="lbd_syn_proxy_*_total to equal /proc/net/stat/synproxy")
     after = lbd.ctl("status")["syn_proxy"]
-    assert {k: v for k, v in after.items() if k != "enabled"} == kernel_stats(env)
+    assert {k: after[k] for k in STATS} == kernel_stats(env)
+    assert (after["mode"], after["engaged"]) == ("on", True)
     print(f"flood {sent}, legit {got}, stream {streamed}, lbd during: "
           f"{during['sessions']} sessions, {during['sessions_half_open']} half-open; "
           f"synproxy {after}")
@@ -152,3 +153,63 @@ def test_a_full_rate_flood_through_the_master_moves_no_vrrp_state_and_status_ans
     if proxy:
         assert got["ok"] >= 0.95 * got["attempts"], got
         assert answers[-1]["syn_proxy"]["syn_received"] > sent["sent"] // 2
+
+
+def auto_config() -> str:
+    return configs.single().replace(
+        'server_interface = "eth1"\n',
+        'server_interface = "eth1"\nsyn_proxy = "auto"\nsyn_proxy_half_open = 500\n'
+        'syn_proxy_hold = "3s"\n', 1)
+
+
+def test_auto_engages_under_a_flood_and_releases_after_it_without_breaking_a_flow(
+        env: LabEnv) -> None:
+    """``syn_proxy = "auto"``: armed at start (nothing proxied), engaged by the flood, real
+    clients served through it, released once the flood ends; a stream opened before the
+    flood and one opened through the proxy both run through the engagement and the release
+    in order, and after the release new flows reach lbd unproxied again."""
+    env.start_servers()
+    lbd = env.lbd(auto_config())
+    armed = lbd.ctl("status")["syn_proxy"]
+    assert (armed["mode"], armed["enabled"], armed["engaged"]) == ("auto", True, False), armed
+    table = env.lab.sh("lba", "nft list table ip lbd_synproxy")
+    assert "synproxy" in table and "notrack" not in table
+    calm = result(spawn_lab(env, "c1", "lab.client", "load", URL, "--rate", "20",
+                            "--duration", "1", "--timeout", "3"))
+    assert calm["ok"] == calm["attempts"], calm
+    assert lbd.ctl("status")["syn_proxy"]["cookie_valid"] == armed["cookie_valid"]  # direct
+    before = spawn_lab(env, "c1", "lab.client", "stream", f"{URL}stream/20", "--timeout", "5")
+    wait_until(lambda: any(s["state"] == "ESTABLISHED" for s in lbd.ctl("sessions")),
+               timeout=5, what="the stream's session (opened unproxied)")
+    # 40k SYN/s: a flood lbd reads in full until the proxy engages (the full rate is the
+    # bench's figure, synflood_max_auto, and the test with the proxy always on above).
+    flood = spawn_lab(env, "c2", "lab.synflood", VIP, "--port", "80", "--rate", "40000",
+                      "--duration", str(FLOOD_SECONDS))
+    wait_until(lambda: lbd.ctl("status")["syn_proxy"]["engaged"], timeout=10,
+               what="the flood to engage the proxy")
+    assert "notrack" in env.lab.sh("lba", "nft list table ip lbd_synproxy")
+    proxied = spawn_lab(env, "c1", "lab.client", "stream", f"{URL}stream/16", "--timeout", "5")
+    load = spawn_lab(env, "c1", "lab.client", "load", URL, "--rate", str(LOAD_RATE),
+                     "--duration", str(LOAD_SECONDS), "--timeout", "3")
+    got: Any = result(load)
+    sent = result(flood)
+    wait_until(lambda: not lbd.ctl("status")["syn_proxy"]["engaged"], timeout=20,
+               what="the proxy to be released after the flood")
+    assert proxied.poll() is None, "the proxied stream ended before the release"
+    assert "notrack" not in env.lab.sh("lba", "nft list table ip lbd_synproxy")
+    released = lbd.ctl("status")["syn_proxy"]
+    after = result(spawn_lab(env, "c1", "lab.client", "load", URL, "--rate", "20",
+                             "--duration", "1", "--timeout", "3"))
+    streamed_before, streamed_proxied = result(before), result(proxied)
+    final = lbd.ctl("status")["syn_proxy"]
+    print(f"flood {sent}, legit {got}, after {after}, streams {streamed_before} "
+          f"{streamed_proxied}, syn_proxy {final}")
+    assert got["ok"] >= 0.95 * got["attempts"], got
+    assert after["ok"] == after["attempts"], after
+    assert final["cookie_valid"] == released["cookie_valid"]  # unproxied again
+    for streamed in (streamed_before, streamed_proxied):
+        assert streamed["error"] == "" and streamed["in_order"], streamed
+    assert final["engagements"] == 1
+    samples = scrape(env)
+    assert samples[("lbd_syn_proxy_engaged", ())] == 0
+    assert samples[("lbd_syn_proxy_engagements_total", ())] == 1

@@ -222,6 +222,9 @@ DEFAULTS = [
     ("dataplane.route_table", 4711),
     ("dataplane.rule_priority", 4711),
     ("dataplane.rps_cpus", "all"),
+    ("dataplane.syn_proxy", False),
+    ("dataplane.syn_proxy_half_open", 1000),
+    ("dataplane.syn_proxy_hold", 30.0),
     ("sessions.max_sessions", 1_048_576),
     ("sessions.tcp_syn_timeout", 60.0),
     ("sessions.tcp_established_timeout", 900.0),
@@ -372,6 +375,9 @@ VALUES: list[tuple[str, dict[str, Any], str, object]] = [
     ("probe port", {"pools__web__health_check__port": 9000}, "pools.web.health_check.port", 9000),
     ("slow start", {"pools__web__slow_start": "30s"}, "pools.web.slow_start", 30.0),
     ("rps off", {"dataplane__rps_cpus": "off"}, "dataplane.rps_cpus", "off"),
+    ("syn proxy on", {"dataplane__syn_proxy": True}, "dataplane.syn_proxy", True),
+    ("syn proxy auto", {"dataplane__syn_proxy": "auto"}, "dataplane.syn_proxy", "auto"),
+    ("syn proxy hold", {"dataplane__syn_proxy_hold": "2m"}, "dataplane.syn_proxy_hold", 120.0),
     ("rps mask", {"dataplane__rps_cpus": "ff,0000000f"}, "dataplane.rps_cpus", "ff,0000000f"),
     ("weight 0 allowed", {"pools__web__servers[1]__weight": 0}, "pools.web.servers[1].weight", 0),
     (
@@ -440,6 +446,16 @@ ERRORS: list[tuple[str, dict[str, Any], str]] = [
         {"virtual_servers__web__max_conn_per_source": 5},
         "virtual_servers.web.max_conn_per_source: unknown key 'max_conn_per_source' "
         "(did you mean 'max_conns_per_source'?)",
+    ),
+    (
+        "syn_proxy neither a boolean nor auto",
+        {"dataplane__syn_proxy": "yes"},
+        'dataplane.syn_proxy: expected true, false or "auto", got string "yes"',
+    ),
+    (
+        "syn_proxy_half_open zero",
+        {"dataplane__syn_proxy_half_open": 0},
+        "dataplane.syn_proxy_half_open: must be >= 1, got 0",
     ),
     (
         "rps_cpus not a mask",
