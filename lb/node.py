@@ -760,7 +760,7 @@ class Node:
         return {"enabled": stats is not None,
                 "mode": "auto" if setting == "auto" else "on" if setting else "off",
                 "engaged": self.syn_proxy.engaged,
-                "engagements": auto.engagements if auto else int(self.syn_proxy.engaged),
+                "engagements": auto.engagements if auto else 0,
                 **(stats or {})}
 
     _LIST_OPTIONS: dict[str, type[int] | type[str] | None] = {

@@ -223,10 +223,11 @@ class SynProxy:
         self.loaded = bool(targets)
         self.engaged = self.loaded and engaged
         if self.engaged and not was:
-            log.warning("syn_proxy: the kernel's SYN proxy answers SYNs to the TCP virtual "
-                        "servers on %s (nft table ip %s)", client_if, TABLE)
+            log.info("syn_proxy: the kernel's SYN proxy answers SYNs to the TCP virtual "
+                     "servers on %s (nft table ip %s)", client_if, TABLE)
         elif self.loaded and not self.engaged:
-            log.warning("syn_proxy: armed, not answering SYNs (nft table ip %s)", TABLE)
+            log.info("syn_proxy: armed, not answering SYNs until a flood (nft table ip %s)",
+                     TABLE)
 
     def remove(self, *, leftover: bool = False) -> None:
         """Remove the table, if there is one. ``leftover``: at a start with the proxy off, a
