@@ -104,8 +104,7 @@ def make_figures(benches: Sequence[str], plan: netbench.Plan, sessions: int,
         for key, (rate, proxy) in FLOOD_RATES.items():
             figs.append(Figure(key, "Real clients' GETs through a spoofed SYN flood at "
                                + (f"{rate:,} SYN/s" if rate else "full raw-socket rate")
-                               + (f", syn_proxy {'auto' if proxy == 'auto' else 'on'}"
-                                  if proxy else ""),
+                               + _proxy_label(proxy),
                                "share", True, (Check(None, ">=", 0.95),)))
     if "vrrpload" in benches:
         for key, what in VRRP_LOADS.items():
@@ -347,9 +346,13 @@ def _rounds(rounds: int, figs: Sequence[Figure], what: str,
         yield got
 
 
+def _proxy_label(proxy: bool | str) -> str:
+    return f", syn_proxy {'auto' if proxy == 'auto' else 'on'}" if proxy else ""
+
+
 def _synflood(rounds: int, fig: Figure, rate: int, proxy: bool | str) -> None:
     what = f"SYN flood at {rate} SYN/s" if rate else "SYN flood at full rate"
-    what += f", syn_proxy {'auto' if proxy == 'auto' else 'on'}" if proxy else ""
+    what += _proxy_label(proxy)
     for rnd, got in enumerate(_rounds(rounds, [fig], what,
                                       lambda: synflood.one_round(rate, proxy))):
         fig.add_sample("lbd", got.legit_ok)

@@ -35,11 +35,9 @@ from lb.config import Config, VrrpAddress, load_config
 from lb.dataplane import DataPlane
 from lb.forwarder import Forwarder, ServiceCounts
 from lb.kernel import Kernel
-from lb.node import session_timeouts
+from lb.node import session_table
 from lb.persistence import PersistenceTable
 from lb.services import Service, build_services
-from lb.sessions import SessionTable
-from lb.source_limits import SourceTracker
 from lb.steering import Steering
 from lb.tun import open_tun
 
@@ -72,11 +70,7 @@ def _worker(cfg: Config, fd: int) -> None:
     """One queue's data plane until SIGTERM: lbd's forwarder, tables of its own."""
     services = build_services(cfg)
     services.follow(lambda instance: True)
-    sessions: SessionTable[Service] = SessionTable(
-        session_timeouts(cfg), cfg.sessions.max_sessions, tick=cfg.sessions.expiry_tick,
-        observer=ServiceCounts(), max_half_open=cfg.sessions.max_half_open or None,
-        sources=SourceTracker(cfg.sessions.max_tracked_sources
-                              or max(1, cfg.sessions.max_sessions // 4)))
+    sessions = session_table(cfg, ServiceCounts())
     persistence: PersistenceTable[Service] = PersistenceTable()
     forwarder = Forwarder(services, sessions, persistence)
 

@@ -73,6 +73,15 @@ AUTO_PROXY_RELEASE_GRACE = 3.0
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
+def session_table(config: Config, observer: ServiceCounts) -> SessionTable[Service]:
+    """The session table ``[sessions]`` asks for (half-open cap, per-source tracker)."""
+    s = config.sessions
+    return SessionTable(session_timeouts(config), s.max_sessions, tick=s.expiry_tick,
+                        observer=observer, max_half_open=s.max_half_open or None,
+                        sources=SourceTracker(s.max_tracked_sources
+                                              or max(1, s.max_sessions // 4)))
+
+
 def session_timeouts(config: Config) -> SessionTimeouts:
     s = config.sessions
     return SessionTimeouts(tcp_syn=s.tcp_syn_timeout, tcp_established=s.tcp_established_timeout,
@@ -158,12 +167,7 @@ class Node:
         self._reconfig = asyncio.Lock()
         self._ramp_timer: asyncio.TimerHandle | None = None
         self.counts = ServiceCounts()
-        self.sessions: SessionTable[Service] = SessionTable(
-            session_timeouts(config), config.sessions.max_sessions,
-            tick=config.sessions.expiry_tick, observer=self.counts,
-            max_half_open=config.sessions.max_half_open or None,
-            sources=SourceTracker(config.sessions.max_tracked_sources
-                                  or max(1, config.sessions.max_sessions // 4)))
+        self.sessions = session_table(config, self.counts)
         self.persistence: PersistenceTable[Service] = PersistenceTable()
         # The tables on local disk: loaded at start, written every snapshot_interval.
         self.snapshots = SnapshotStore(config.node.state_dir, config.service_digest(),
@@ -757,7 +761,7 @@ class Node:
         ``lbd_syn_proxy_*_total``)."""
         stats = self.syn_proxy.stats()
         auto, setting = self.auto_proxy, self.config.dataplane.syn_proxy
-        return {"enabled": stats is not None,
+        return {"enabled": self.syn_proxy.loaded,
                 "mode": "auto" if setting == "auto" else "on" if setting else "off",
                 "engaged": self.syn_proxy.engaged,
                 "engagements": auto.engagements if auto else 0,

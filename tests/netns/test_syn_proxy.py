@@ -11,8 +11,6 @@ table, and the kernel's synproxy counters show the cookies it answered with, in
 from __future__ import annotations
 
 import contextlib
-import json
-import socket
 import subprocess
 from typing import Any
 
@@ -20,6 +18,7 @@ import pytest
 
 from lab import configs
 from lab.topology import VIP, wait_until
+from lb.control import request
 from lb.synproxy import STATS, parse_stats
 from tests.netns.harness import LabEnv, Lbd
 from tests.netns.helpers import result, scrape, spawn_lab
@@ -30,9 +29,9 @@ LOAD_RATE = 50
 LOAD_SECONDS = 5
 
 
-def with_proxy(text: str) -> str:
+def with_proxy(text: str, setting: str = "syn_proxy = true\n") -> str:
     return text.replace('server_interface = "eth1"\n',
-                        'server_interface = "eth1"\nsyn_proxy = true\n', 1)
+                        'server_interface = "eth1"\n' + setting, 1)
 
 
 def proxied_config() -> str:
@@ -43,16 +42,7 @@ def status_within(lbd: Lbd, seconds: float) -> dict[str, Any]:
     """``status`` over the control socket, straight from this process (an lbctl started
     on a box saturated by the flood would time its own start-up): the answer must come
     within ``seconds`` or the socket's timeout fails the test."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(seconds)
-        sock.connect(lbd.socket)
-        sock.sendall(b'{"command": "status", "args": []}\n')
-        answer = b""
-        while not answer.endswith(b"\n"):
-            chunk = sock.recv(65536)
-            assert chunk, "lbd closed the control socket without an answer"
-            answer += chunk
-    doc: dict[str, Any] = json.loads(answer)
+    doc = request(lbd.socket, "status", [], timeout=seconds)
     assert doc["ok"], doc
     result_: dict[str, Any] = doc["result"]
     return result_
@@ -156,10 +146,8 @@ def test_a_full_rate_flood_through_the_master_moves_no_vrrp_state_and_status_ans
 
 
 def auto_config() -> str:
-    return configs.single().replace(
-        'server_interface = "eth1"\n',
-        'server_interface = "eth1"\nsyn_proxy = "auto"\nsyn_proxy_half_open = 500\n'
-        'syn_proxy_hold = "3s"\n', 1)
+    return with_proxy(configs.single(), 'syn_proxy = "auto"\nsyn_proxy_half_open = 500\n'
+                                        'syn_proxy_hold = "3s"\n')
 
 
 def test_auto_engages_under_a_flood_and_releases_after_it_without_breaking_a_flow(
