@@ -66,6 +66,7 @@ __all__ = [
 
 Protocol: TypeAlias = Literal["tcp", "udp"]
 Scheduler: TypeAlias = Literal["rr", "wrr", "lc", "wlc", "sh", "maglev"]
+Offload: TypeAlias = Literal["off", "conntrack"]
 Persistence: TypeAlias = Literal["none", "client-ip"]
 OnServerDown: TypeAlias = Literal["keep", "reset"]
 CheckType: TypeAlias = Literal["tcp", "http", "https", "udp", "icmp", "script"]
@@ -119,6 +120,10 @@ class DataplaneConfig:
     syn_proxy: bool | Literal["auto"] = False
     syn_proxy_half_open: int = 1000
     syn_proxy_hold: float = 30.0
+    # The kernel fast path (lb.offload): "conntrack" hands every flow lbd opened (a SYN, a
+    # UDP flow's first datagram) to the kernel's conntrack NAT once scheduled; its later
+    # packets no longer cross the TUN. "off": lbd forwards every packet itself.
+    offload: Offload = "off"
 
 
 RULE_PRIORITY_SPAN: Final = 64
@@ -607,7 +612,11 @@ def _dataplane(t: _Table) -> DataplaneConfig:
                                   _default(d, "syn_proxy_half_open")),
         syn_proxy_hold=t.get("syn_proxy_hold", _duration(positive=True),
                              _default(d, "syn_proxy_hold")),
+        offload=t.get("offload", _choice(get_args(Offload)), _default(d, "offload")),
     )
+    if dp.offload != "off" and dp.syn_proxy:
+        t.errors.add(t.at("offload"), f"{json.dumps(dp.offload)} and syn_proxy cannot both "
+                     "be on: the proxy's flows need their own conntrack entries")
     if dp.tun and dp.tun in {dp.client_interface, dp.server_interface}:
         t.errors.add(t.at("tun"), f"{json.dumps(dp.tun)} is also a client or server interface")
     t.finish()

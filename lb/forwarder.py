@@ -88,6 +88,8 @@ class ServiceCounts:
 
     def __init__(self, downstream: SessionEvents | None = None) -> None:
         self.downstream = downstream
+        # Told of every removal first (the kernel fast path deletes the flow's entry).
+        self.on_removed: Callable[[Session, str], None] | None = None
 
     def session_added(self, s: Session) -> None:
         svc: Service = s.service
@@ -102,6 +104,8 @@ class ServiceCounts:
     def session_removed(self, s: Session, reason: str) -> None:
         svc: Service = s.service
         svc.active -= 1
+        if self.on_removed is not None:
+            self.on_removed(s, reason)
         if self.downstream is not None:
             self.downstream.session_removed(s, reason)
 
@@ -122,6 +126,9 @@ class Forwarder:
         self.peer_streaming: Callable[[], bool] | None = None
         self.ready: list[bytearray] = []  # released held replies, rewritten, to write
         self.echo_addresses: frozenset[int] = frozenset()  # held addresses that are no VIP
+        # The kernel fast path (lb.offload): told of each new session, with the flags of its
+        # first packet, before that packet is written back.
+        self.offload: Callable[[Session, int], None] | None = None
         # A copy's state is its owner's: report a reply after half its timeout of silence.
         self._refresh_after = tuple(t / 2 for t in sessions.timeout_of)
         self.set_services(services)
@@ -165,6 +172,8 @@ class Forwarder:
                                       now, s)
                 if s is None:
                     return SEND if self.out_len else DROP
+                if self.offload is not None:
+                    self.offload(s, flags)
             else:
                 self.sessions.seen_forward(s, flags, now)
             srv = s.server

@@ -76,6 +76,9 @@ class Kernel:
 
     def __init__(self, *, route_table: int, rule_priority: int) -> None:
         self.route_table = route_table
+        # Packets carrying this mark bit skip the reply rules (lb.offload: a server's reply
+        # the kernel translates itself); 0: the rules match every reply.
+        self.reply_mark = 0
         self.rule_priority = rule_priority
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="lbd-netlink")
         self._ipr: Any = None
@@ -311,9 +314,11 @@ class Kernel:
     def _set_reply_rules(self, server_if: str, wanted: list[str]) -> None:
         for msg in self._our_rules():
             self._del_rule(msg)
+        marked = {"fwmark": 0, "fwmask": self.reply_mark} if self.reply_mark else {}
         for addr in wanted:
             self._ipr.rule("add", family=socket.AF_INET, priority=self.rule_priority,
-                           table=self.route_table, src=addr, src_len=32, iifname=server_if)
+                           table=self.route_table, src=addr, src_len=32, iifname=server_if,
+                           **marked)
 
     async def set_reply_rules(self, server_if: str, servers: Iterable[str]) -> None:
         """Make the rule set exactly one rule per server address (idempotent)."""

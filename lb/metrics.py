@@ -176,6 +176,32 @@ def syn_proxy_metrics(status: Callable[[], Mapping[str, Any]]) -> Source:
     return collect
 
 
+OFFLOAD_HELP: dict[str, str] = {
+    "offloaded": "Flows handed to the kernel's conntrack NAT ([dataplane] offload)",
+    "failed": "Flows the kernel refused to take (they stay on lbd's path)",
+    "established": "Offloaded TCP flows the kernel saw complete their handshake",
+    "closed": "Offloaded flows the kernel ended (their sessions removed)",
+    "returned": "Offloaded flows whose packets came back to lbd (the kernel refused them)",
+    "checks": "Kernel lookups of an offloaded flow whose session deadline passed",
+    "send_errors": "ctnetlink requests that could not be sent",
+    "events_lost": "Times the kernel's conntrack events overflowed lbd's socket",
+    "bad_messages": "ctnetlink messages lbd could not decode",
+}
+
+
+def offload_metrics(stats: Callable[[], Mapping[str, int]]) -> Source:
+    """``lbd_offload_flows`` and the kernel fast path's counters as
+    ``lbd_offload_<name>_total`` (lb.offload), read at scrape time."""
+    def collect() -> Iterator[Metric]:
+        now = stats()
+        yield GaugeMetricFamily("lbd_offload_flows",
+                                "Flows the kernel forwards for lbd right now",
+                                value=now["flows"])
+        for name, text in OFFLOAD_HELP.items():
+            yield CounterMetricFamily(f"lbd_offload_{name}", text, value=now[name])
+    return collect
+
+
 class MetricsServer:
     """``GET /metrics`` over HTTP/1.0 on the event loop."""
 

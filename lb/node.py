@@ -49,7 +49,14 @@ from lb.listing import (
     render_session,
     session_filter,
 )
-from lb.metrics import MetricsServer, SourceCollector, dataplane_metrics, syn_proxy_metrics
+from lb.metrics import (
+    MetricsServer,
+    SourceCollector,
+    dataplane_metrics,
+    offload_metrics,
+    syn_proxy_metrics,
+)
+from lb.offload import REPLY_MARK, ConntrackOffload, conntrack_sysctls
 from lb.persistence import PersistenceTable
 from lb.reply_hold import ReplyHold
 from lb.runtime import Refused, ServerRuntime
@@ -181,6 +188,10 @@ class Node:
         self.heap = HeapWatch(lambda: sessions.created_total + sessions.installed_total
                               + bindings.bound_total + bindings.installed_total)
         self.forwarder.echo_addresses = self._echo_addresses(config)
+        # The kernel fast path ([dataplane] offload): wired in at start.
+        self.offload = (ConntrackOffload(self.sessions, session_timeouts(config),
+                                         time.monotonic)
+                        if dp.offload == "conntrack" else None)
         self.dataplane: DataPlane | None = None
         self.monitor: HealthMonitor | None = None
         self.check_stats = CheckStats()
@@ -219,6 +230,8 @@ class Node:
         dp = cfg.dataplane
         self.kernel = await Kernel.open(route_table=dp.route_table,
                                         rule_priority=dp.rule_priority)
+        if self.offload is not None:
+            self.kernel.reply_mark = REPLY_MARK
         for key, ifname in (("client_interface", dp.client_interface),
                             ("server_interface", dp.server_interface)):
             if await self.kernel.ifindex(ifname) is None:
@@ -242,6 +255,10 @@ class Node:
                                                               self._auto_proxy_tick)
         else:
             await asyncio.to_thread(self.syn_proxy.remove, leftover=True)
+        if self.offload is not None:
+            await self._start_offload(cfg)
+        else:
+            await asyncio.to_thread(ConntrackOffload.remove, leftover=True)
         self.dataplane = DataPlane(self.tun_fd, self.forwarder, batch=dp.batch)
         self.dataplane.start(self.loop)
         self.heap.install()
@@ -254,6 +271,8 @@ class Node:
         self.collector.sources.append(self.snapshots.metrics)
         self.collector.sources.append(self.heap.metrics)
         self.collector.sources.append(syn_proxy_metrics(self.syn_proxy_status))
+        if self.offload is not None:
+            self.collector.sources.append(offload_metrics(self.offload.stats))
         self.control = ControlServer(cfg.node.control_socket, self.control_handlers())
         await self.control.start()
         if cfg.metrics.listen is not None:
@@ -333,6 +352,11 @@ class Node:
             await self.kernel.remove_leftovers()
         if self.syn_proxy.loaded:
             await asyncio.to_thread(self.syn_proxy.remove)
+        if self.offload is not None and self.offload.loaded:
+            self.forwarder.offload = None
+            self.counts.on_removed = None
+            self.offload.close()
+            await asyncio.to_thread(self.offload.remove)
         if self.control is not None:
             await self.control.stop()
         if self.metrics_server is not None:
@@ -372,7 +396,12 @@ class Node:
         now = time.monotonic()
         # The peer's copies are expired by their owner while its stream is up.
         keep = self.replicator.keep if self.replicator is not None else None
-        self.sessions.expire(now, keep=keep)
+        session_keep: Callable[[Session], bool] | None = keep
+        off = self.offload
+        if off is not None:  # and the flows the kernel still forwards
+            session_keep = off.keep if keep is None else (
+                lambda s: keep(s) or off.keep(s))
+        self.sessions.expire(now, keep=session_keep)
         self.persistence.expire(now, keep=keep)
         self.forwarder.expire_held(now)
         self.heap.grown()  # the tables grew by FREEZE_STEP entries: out of the GC's scans
@@ -405,6 +434,8 @@ class Node:
     def _follow_roles(self) -> None:
         """Make the data plane, the sync stream and the takeover gate follow what changed."""
         while (ev := self.roles.next_event()) is not None:
+            if isinstance(ev, (Took, Lost)) and self.offload is not None:
+                self.offload.replies_here = self._replies_here()
             if isinstance(ev, Took):
                 self.services.follow(self.roles.masters)
                 now = time.monotonic()
@@ -425,6 +456,13 @@ class Node:
                     self.sync.resync()
             elif isinstance(ev, PeerSnapshotComplete) and self.ha is not None:
                 self.ha.pools_changed()  # the takeover gate opened: use our priority now
+
+    def _replies_here(self) -> bool:
+        """Do the servers' replies reach this node? Yes while it masters every VRRP
+        instance on the server interface (the servers' gateway), or is standalone."""
+        server_if = self.config.dataplane.server_interface
+        return all(ic.name in self.roles.mastered for ic in self.config.vrrp_instances
+                   if ic.interface == server_if)
 
     def _installed(self, s: Session) -> None:
         """The peer's record for ``s`` was installed: send the replies held for it."""
@@ -533,6 +571,30 @@ class Node:
                                     targets, engaged=engaged)
         except RuntimeError as exc:
             raise RuntimeError(f"{config.source}: dataplane.syn_proxy: {exc}") from exc
+
+    async def _start_offload(self, cfg: Config) -> None:
+        """The kernel fast path: the nft table, the conntrack settings (restored at stop),
+        no entry of an earlier lbd, the netlink sockets; then the forwarder hands it flows."""
+        assert self.offload is not None and self.kernel is not None and self.loop is not None
+        await asyncio.to_thread(ConntrackOffload.flush_entries)
+        await self._apply_offload(cfg)
+        for key, value in conntrack_sysctls(session_timeouts(cfg)).items():
+            self.kernel.change_sysctl(f"net.netfilter.{key}", value)
+        self.offload.open(self.loop)
+        self.offload.loaded = True
+        self.offload.replies_here = self._replies_here()
+        self.forwarder.offload = self.offload.opened
+        self.counts.on_removed = self.offload.removed
+
+    async def _apply_offload(self, config: Config) -> None:
+        targets = [(vs.address, vs.port) for vs in config.virtual_servers
+                   if vs.protocol == "tcp"]
+        dp = config.dataplane
+        try:
+            await asyncio.to_thread(ConntrackOffload.apply, dp.client_interface, dp.tun,
+                                    targets)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{config.source}: dataplane.offload: {exc}") from exc
 
     def _conntrack_for_proxy(self, *, pick_up: bool) -> None:
         """The conntrack settings the proxy needs (restored at stop). Not ``pick_up``
@@ -666,13 +728,15 @@ class Node:
             self.reload_failures += 1
             log.error("reload refused: %s", msg)
             return [msg]
-        if new.dataplane.syn_proxy:
-            try:
+        try:
+            if new.dataplane.syn_proxy:
                 await self._apply_syn_proxy(new)
-            except RuntimeError as exc:  # the old ruleset stays (nft applies all or nothing)
-                self.reload_failures += 1
-                log.error("reload refused: %s", exc)
-                return [str(exc)]
+            if self.offload is not None:
+                await self._apply_offload(new)
+        except RuntimeError as exc:  # the old ruleset stays (nft applies all or nothing)
+            self.reload_failures += 1
+            log.error("reload refused: %s", exc)
+            return [str(exc)]
         await self._install_services(new)
         if self.sync is not None:  # the peer sees whether our services still match its own
             self.sync.set_config_digest(new.service_digest())
@@ -723,6 +787,7 @@ class Node:
             "half_open_evicted": self.sessions.half_open_evictions,
             "source_limits": self.source_limits_status(),
             "syn_proxy": self.syn_proxy_status(),
+            "offload": self.offload_status(),
             "persistence": len(self.persistence),
             # A standalone node masters one implicit instance (ha.roles.STANDALONE, ""):
             # not a VRRP instance, so not listed; "standalone" says it owns everything.
@@ -766,6 +831,14 @@ class Node:
                 "engaged": self.syn_proxy.engaged,
                 "engagements": auto.engagements if auto else 0,
                 **(stats or {})}
+
+    def offload_status(self) -> dict[str, Any]:
+        """``[dataplane] offload`` at a glance (lb.offload; the same as
+        ``lbd_offload_*``): the mode, and while on, flows in the kernel and what became of
+        those handed to it."""
+        off = self.offload
+        return {"mode": self.config.dataplane.offload,
+                **(off.stats() if off is not None else {})}
 
     _LIST_OPTIONS: dict[str, type[int] | type[str] | None] = {
         "--virtual": str, "--server": str, "--client": str, "--limit": int}

@@ -615,6 +615,12 @@ class SessionTable(Generic[S]):
             self.observer.session_changed(s)
         return s
 
+    def adopt_state(self, s: Session, state: int, now: float) -> None:
+        """``s`` is in TCP ``state`` by someone else's account (the kernel's conntrack,
+        which forwards the flow: lb.offload); ``last_seen`` is left as it is."""
+        if s.state not in (state, 0):  # (0: not TCP, no state machine)
+            self._set_state(s, state, now)
+
     def remove(self, s: Session, reason: str, now: float) -> None:
         """Remove ``s`` (reason e.g. "reused", "reset", "peer"); idempotent."""
         if self._wheel.discard(s):

@@ -218,7 +218,7 @@ class SynProxy:
               engaged: bool = True) -> None:
         """Replace the table (one nft transaction), engaged or armed (:func:`ruleset`).
         Raises RuntimeError with nft's message; the table in force then stays."""
-        _nft(ruleset(client_if, targets, engaged=engaged))
+        run_nft(ruleset(client_if, targets, engaged=engaged))
         was = self.loaded and self.engaged
         self.loaded = bool(targets)
         self.engaged = self.loaded and engaged
@@ -237,13 +237,14 @@ class SynProxy:
         if leftover and shutil.which(NFT) is None:
             return
         try:
-            _nft(ruleset("", ()))
+            run_nft(ruleset("", ()))
         except RuntimeError as exc:
             if not leftover:
                 log.warning("syn_proxy: cannot remove nft table ip %s: %s", TABLE, exc)
 
 
-def _nft(script: str) -> None:
+def run_nft(script: str) -> None:
+    """Apply an nft script atomically (all or nothing); RuntimeError says why not."""
     try:
         proc = subprocess.run([NFT, "-f", "-"], input=script, capture_output=True, text=True,
                               timeout=10, check=False)

@@ -225,6 +225,7 @@ DEFAULTS = [
     ("dataplane.syn_proxy", False),
     ("dataplane.syn_proxy_half_open", 1000),
     ("dataplane.syn_proxy_hold", 30.0),
+    ("dataplane.offload", "off"),
     ("sessions.max_sessions", 1_048_576),
     ("sessions.tcp_syn_timeout", 60.0),
     ("sessions.tcp_established_timeout", 900.0),
@@ -378,6 +379,7 @@ VALUES: list[tuple[str, dict[str, Any], str, object]] = [
     ("syn proxy on", {"dataplane__syn_proxy": True}, "dataplane.syn_proxy", True),
     ("syn proxy auto", {"dataplane__syn_proxy": "auto"}, "dataplane.syn_proxy", "auto"),
     ("syn proxy hold", {"dataplane__syn_proxy_hold": "2m"}, "dataplane.syn_proxy_hold", 120.0),
+    ("kernel fast path", {"dataplane__offload": "conntrack"}, "dataplane.offload", "conntrack"),
     ("rps mask", {"dataplane__rps_cpus": "ff,0000000f"}, "dataplane.rps_cpus", "ff,0000000f"),
     ("weight 0 allowed", {"pools__web__servers[1]__weight": 0}, "pools.web.servers[1].weight", 0),
     (
@@ -451,6 +453,17 @@ ERRORS: list[tuple[str, dict[str, Any], str]] = [
         "syn_proxy neither a boolean nor auto",
         {"dataplane__syn_proxy": "yes"},
         'dataplane.syn_proxy: expected true, false or "auto", got string "yes"',
+    ),
+    (
+        "offload not a mode",
+        {"dataplane__offload": "xdp"},
+        'dataplane.offload: must be one of off, conntrack, got "xdp"',
+    ),
+    (
+        "offload with the syn proxy",
+        {"dataplane__offload": "conntrack", "dataplane__syn_proxy": "auto"},
+        'dataplane.offload: "conntrack" and syn_proxy cannot both be on: the proxy\'s flows '
+        "need their own conntrack entries",
     ),
     (
         "syn_proxy_half_open zero",

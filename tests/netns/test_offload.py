@@ -1,0 +1,162 @@
+"""``[dataplane] offload = "conntrack"``: lbd schedules each new flow, then the kernel's
+conntrack NAT forwards the rest of it (lb.offload; issue 10's connection-rate lever).
+
+What a user notices: every request is answered exactly as without it, while lbd reads only
+the first packet of each flow (a SYN, a UDP flow's first datagram), its sessions still
+follow the flows (ESTABLISHED once the handshake completes, gone once the kernel ends the
+flow), and the scene holds: a client mid-session when the master dies goes on through the
+backup, which forwards the flow from its synced session.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from lab import configs
+from lab.topology import SERVERS, VIP, wait_until
+from tests.netns.harness import ENV, LabEnv
+from tests.netns.helpers import Holder, metric, scrape
+from tests.netns.test_vrrp import wait_states
+
+URL = f"http://{VIP}/"
+NAME_OF = {f"{addr}:8080": name for name, addr in SERVERS.items()}
+SHORT = """tcp_established_timeout = "2s"
+tcp_fin_timeout = "1s"
+tcp_time_wait_timeout = "1s"
+tcp_close_timeout = "1s"
+"""
+
+
+def offloaded(text: str) -> str:
+    return text.replace('server_interface = "eth1"\n',
+                        'server_interface = "eth1"\noffload = "conntrack"\n', 1)
+
+
+def forwarded(env: LabEnv, host: str = "lba") -> tuple[float, float]:
+    samples = scrape(env, host)
+    return (metric(samples, "lbd_packets_forwarded_total", direction="in"),
+            metric(samples, "lbd_packets_forwarded_total", direction="out"))
+
+
+def test_the_kernel_forwards_every_packet_after_the_first(env: LabEnv) -> None:
+    env.start_servers()
+    lbd = env.lbd(offloaded(configs.single(sessions=SHORT)))
+    assert "ct event set" in env.lab.sh("lba", "nft list table ip lbd_offload")
+    count = 30
+    got: Any = env.client("c1", "get", URL, "--count", str(count), "--timeout", "2")
+    assert Counter(got["answers"]) == {"s1": 10, "s2": 10, "s3": 10}  # rr, as without it
+    status = lbd.ctl("status")["offload"]
+    assert status["mode"] == "conntrack"
+    assert status["offloaded"] == count and status["failed"] == 0
+    # lbd read one packet per connection, its SYN; the kernel forwarded all the others,
+    # the servers' SYN-ACKs first among them.
+    packets_in, packets_out = forwarded(env)
+    assert packets_in == count and packets_out == 0
+    # Each session followed its flow: ESTABLISHED when the kernel saw the handshake, then
+    # removed once the kernel ended the flow (TIME_WAIT of 1 s): told by the kernel's
+    # DESTROY event, or found gone when lbd asked at the session's deadline.
+    wait_until(lambda: lbd.ctl("status")["offload"]["closed"] == count, timeout=10,
+               what="the kernel to end every flow")
+    status = lbd.ctl("status")["offload"]
+    assert status["established"] == count and status["flows"] == 0
+    assert lbd.ctl("status")["sessions"] == 0
+
+    udp: Any = env.client("c1", "udp", VIP, "53", "--count", "3", "--timeout", "2")
+    assert all("reply" in a for a in udp["answers"]), udp
+    assert lbd.ctl("status")["offload"]["offloaded"] == count + 3
+    assert forwarded(env) == (count + 3, 0)
+
+
+def test_a_session_lbd_ends_is_ended_in_the_kernel_too(env: LabEnv) -> None:
+    """``lbctl kill-sessions`` (like a server's reset or eviction) removes the session; its
+    entry leaves the kernel with it, so the flow's next packet reaches lbd, which answers
+    it with a RST as it would have without the fast path."""
+    env.start_servers()
+    lbd = env.lbd(offloaded(configs.single()))
+    holder = Holder(env, "c1", 1)
+    try:
+        wait_until(lambda: lbd.ctl("status")["offload"]["established"] == 1, timeout=5,
+                   what="the held connection to be ESTABLISHED in lbd's table")
+        assert forwarded(env) == (1, 0)  # lbd read the SYN only
+        (server,) = {s["server"] for s in lbd.ctl("sessions") if s["virtual"].endswith(":80")}
+        lbd.ctl("kill-sessions", "web", server)
+        assert lbd.ctl("status")["offload"]["flows"] == 0
+        assert holder.send() == ["reset"]
+    finally:
+        holder.close()
+
+
+@pytest.mark.topology(pair=True)
+def test_the_scene_with_the_fast_path(env: LabEnv) -> None:
+    """The master's kernel forwards the client's connection; the master dies; the backup
+    takes the addresses and forwards the same connection from its synced session to the
+    same server, and the client's next connections are still pinned there."""
+    env.start_servers()
+    key = env.tmp / "sync.key"
+    key.write_text("a shared secret for the lab pair\n")
+
+    def config(node: str, priority: int) -> str:
+        return offloaded(configs.pair(node, priority=priority, sync=True,
+                                      persistence="client-ip")).replace("@KEYFILE@", str(key))
+
+    a = env.lbd(config("lba", 200), "lba")
+    wait_states(a, "MASTER")
+    b = env.lbd(config("lbb", 100), "lbb")
+    wait_states(b, "BACKUP")
+    for lbd in (a, b):
+        wait_until(lambda lbd=lbd: lbd.ctl("sync")["connected"], timeout=10,  # type: ignore[misc]
+                   what=f"{lbd.host}'s sync connections")
+    holder = Holder(env, "c1", 1)
+    try:
+        wait_until(lambda: a.ctl("status")["offload"]["established"] == 1, timeout=5,
+                   what="the held connection to be offloaded and ESTABLISHED")
+        (session,) = [s for s in a.ctl("sessions") if s["virtual"].endswith(":80")]
+
+        def on_b() -> list[dict[str, Any]]:
+            return [s for s in b.ctl("sessions") if s["client"] == session["client"]
+                    and s["state"] == "ESTABLISHED"]
+        wait_until(on_b, timeout=5, what="the ESTABLISHED session to reach the backup")
+        assert forwarded(env, "lba") == (1, 0)  # the master's kernel carried the rest
+        a.stop(signal.SIGKILL)
+        wait_states(b, "MASTER", timeout=5)
+        assert holder.send() == ["data"]  # the same connection, now through lbb's lbd
+        assert forwarded(env, "lbb")[0] > 0
+        got: Any = env.client("c1", "get", URL, "--count", "3", "--timeout", "2")
+        assert Counter(got["answers"]) == {NAME_OF[session["server"]]: 3}
+    finally:
+        holder.close()
+
+
+
+def marked_entries(env: LabEnv) -> int:
+    """Conntrack entries in lba carrying lbd's ct mark bit."""
+    code = ("from pyroute2 import NFCTSocket; from lb.offload import CT_MARK; "
+            "print(len(list(NFCTSocket().dump(mark=CT_MARK, mark_mask=CT_MARK))))")
+    out = subprocess.run(["ip", "netns", "exec", env.lab.ns("lba"), sys.executable, "-c", code],
+                         capture_output=True, text=True, timeout=30, check=True, env=ENV).stdout
+    return int(out)
+
+
+def test_a_killed_lbds_kernel_state_is_removed_by_the_next_start(env: LabEnv) -> None:
+    """After a SIGKILL the kernel would go on translating the killed lbd's flows; the next
+    lbd, with the fast path off, removes its table and its entries."""
+    env.start_servers()
+    lbd = env.lbd(offloaded(configs.single()))
+    holder = Holder(env, "c1", 2)
+    try:
+        wait_until(lambda: lbd.ctl("status")["offload"]["established"] == 2, timeout=5,
+                   what="the held connections to be offloaded")
+        assert marked_entries(env) == 2
+        lbd.stop(signal.SIGKILL)
+        env.lbd(configs.single())
+        assert marked_entries(env) == 0
+        assert env.lab.sh("lba", "nft list tables").find("lbd_offload") < 0
+        assert "fwmark" not in env.lab.sh("lba", "ip rule")
+    finally:
+        holder.close()

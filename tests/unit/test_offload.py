@@ -1,0 +1,160 @@
+"""lb.offload, pure part: what each kernel message does to the session table, which flows
+the kernel still has alone, and the nft table and conntrack settings lbd asks for."""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+from lb import ctnetlink as ct
+from lb.addr import ip_to_int
+from lb.offload import CT_MARK, REPLY_MARK, Offloads, conntrack_sysctls, mark_of, ruleset
+from lb.servers import RealServer
+from lb.sessions import TCP_ACK, TCP_SYN, Session, SessionTable, SessionTimeouts, TcpState
+
+CLIENT, VIP = ip_to_int("198.51.100.100"), ip_to_int("198.51.100.10")
+TCP, UDP = socket.IPPROTO_TCP, socket.IPPROTO_UDP
+
+
+class Removed:
+    def __init__(self) -> None:
+        self.reasons: list[str] = []
+
+    def session_added(self, s: Session) -> None:
+        pass
+
+    def session_changed(self, s: Session) -> None:
+        pass
+
+    def session_removed(self, s: Session, reason: str) -> None:
+        self.reasons.append(reason)
+
+
+def setup(proto: int = TCP) -> tuple[SessionTable[str], Offloads, Session, Removed]:
+    rec = Removed()
+    table: SessionTable[str] = SessionTable(SessionTimeouts(), 100, 0.1, rec)
+    srv = RealServer("web", ip_to_int("198.18.0.11"), 8080, 1)
+    s = table.create(proto, CLIENT, 40000, VIP, 80, srv, "web", TCP_SYN if proto == TCP else 0,
+                     1.0)
+    assert s is not None
+    return table, Offloads(table), s, rec
+
+
+def entry(s: Session, mark: int, state: int) -> ct.CtMessage:
+    return ct.CtMessage(ct.ENTRY, s.fkey, mark, 0, state)
+
+
+def test_the_session_follows_the_kernels_state_and_leaves_with_its_entry() -> None:
+    table, off, s, rec = setup()
+    mark = off.take(s)
+    assert mark & CT_MARK and len(off) == 1
+    off.on_message(entry(s, mark, ct.CT_TCP_ESTABLISHED), 2.0)
+    assert s.state == TcpState.ESTABLISHED and off.established_total == 1
+    assert s.last_seen == 1.0  # the kernel's account moves no idle clock
+    off.on_message(entry(s, mark, ct.CT_TCP_TIME_WAIT), 3.0)
+    assert s.state == TcpState.TIME_WAIT
+    off.on_message(ct.CtMessage(ct.DESTROYED, s.fkey, mark), 4.0)
+    assert table.lookup(s.fkey) is None and rec.reasons == ["conntrack"]
+    assert len(off) == 0 and off.closed_total == 1
+    assert not off.removed(s)  # already gone: no DELETE to send
+
+
+def test_messages_of_another_entry_change_nothing() -> None:
+    table, off, s, rec = setup()
+    mark = off.take(s)
+    for m in (ct.CtMessage(ct.DESTROYED, s.fkey, mark + 1),  # an older entry of this tuple
+              ct.CtMessage(ct.DESTROYED, s.fkey, 0),  # not one of lbd's
+              ct.CtMessage(ct.DESTROYED, s.fkey + 1, mark),  # another flow
+              ct.CtMessage(ct.ENTRY, s.fkey, 0, 0, ct.CT_TCP_CLOSE)):
+        off.on_message(m, 2.0)
+    assert table.lookup(s.fkey) is s and s.state == TcpState.SYN_RECV and rec.reasons == []
+    assert len(off) == 1
+
+
+def test_a_flow_lbd_forwarded_itself_is_lbds_again() -> None:
+    """A packet of the flow reached lbd (the kernel refused it): lbd's own timers govern the
+    session, and the kernel's DESTROY of its entry leaves the session alone."""
+    table, off, s, rec = setup()
+    mark = off.take(s)
+    table.seen_forward(s, TCP_ACK, 5.0)
+    off.on_message(ct.CtMessage(ct.DESTROYED, s.fkey, mark), 6.0)
+    assert table.lookup(s.fkey) is s and rec.reasons == []
+    assert len(off) == 0 and off.returned_total == 1
+
+
+def test_a_refused_new_leaves_the_flow_on_lbds_path() -> None:
+    table, off, s, _ = setup()
+    off.take(s)
+    off.on_message(ct.CtMessage(ct.ERROR, s.fkey, request=ct.IPCTNL_MSG_CT_NEW,
+                                errno=errno.EEXIST), 2.0)
+    assert len(off) == 0 and off.failed_total == 1 and table.lookup(s.fkey) is s
+    assert not off.keep(s)  # expires by lbd's own clock
+
+
+def test_a_deadline_asks_the_kernel_and_a_missing_entry_ends_the_session() -> None:
+    table, off, s, rec = setup()
+    off.take(s)
+    assert off.keep(s) and off.checks_total == 1
+    off.on_message(ct.CtMessage(ct.ERROR, s.fkey, request=ct.IPCTNL_MSG_CT_DELETE,
+                                errno=errno.ENOENT), 2.0)  # a DELETE's refusal: nothing
+    assert table.lookup(s.fkey) is s
+    off.on_message(ct.CtMessage(ct.ERROR, s.fkey, request=ct.IPCTNL_MSG_CT_GET,
+                                errno=errno.ENOENT), 3.0)
+    assert table.lookup(s.fkey) is None and rec.reasons == ["conntrack"]
+
+
+def test_lbd_removing_an_offloaded_session_deletes_its_entry() -> None:
+    _, off, s, _ = setup()
+    off.take(s)
+    assert off.removed(s) and not off.removed(s)
+
+
+def test_udp_sessions_have_no_state_to_follow() -> None:
+    _, off, s, _ = setup(UDP)
+    mark = off.take(s)
+    off.on_message(entry(s, mark, ct.CT_TCP_ESTABLISHED), 2.0)
+    assert s.state == TcpState.NONE and off.established_total == 0
+
+
+def test_marks_stay_lbds_and_tell_entries_of_one_tuple_apart() -> None:
+    marks = {mark_of(1000.0 + i * 1e-6) for i in range(1000)}
+    assert len(marks) == 1000 and all(m & CT_MARK and m & ~CT_MARK for m in marks)
+    assert mark_of(0.0) == CT_MARK | 1  # never the bare bit
+
+
+def test_a_reused_tuple_is_not_ended_by_the_old_entrys_destroy() -> None:
+    table, off, s, rec = setup()
+    old = off.take(s)
+    table.remove(s, "reused", 2.0)
+    assert off.removed(s)
+    srv = RealServer("web", ip_to_int("198.18.0.12"), 8080, 1)
+    s2 = table.create(TCP, CLIENT, 40000, VIP, 80, srv, "web", TCP_SYN, 2.0)
+    assert s2 is not None
+    new = off.take(s2)
+    assert new != old
+    off.on_message(ct.CtMessage(ct.DESTROYED, s2.fkey, old), 2.1)
+    assert table.lookup(s2.fkey) is s2 and rec.reasons == ["reused"]
+
+
+def test_ruleset() -> None:
+    text = ruleset("eth0", "lbtun0", [("198.51.100.10", 80), ("198.51.100.10", 80)])
+    assert 'iifname "lbtun0" notrack' in text
+    assert "elements = { 198.51.100.10 . 80 }" in text
+    assert "tcp flags & (syn | ack) == syn notrack" in text
+    assert "type nat hook prerouting" in text and "type nat hook postrouting" in text
+    assert f"meta mark set meta mark | {REPLY_MARK:#x}" in text
+    assert "ct event set assured, destroy" in text and "protoinfo" not in text
+    assert "tcp_targets" not in ruleset("eth0", "lbtun0", [])  # UDP only: no SYN untracked
+
+
+def test_conntrack_keeps_entries_as_long_as_lbd_keeps_sessions() -> None:
+    t = SessionTimeouts(tcp_syn=30, tcp_established=600, tcp_fin=20, tcp_time_wait=5,
+                        tcp_close=0.4, udp=90)
+    got = conntrack_sysctls(t)
+    assert got["nf_conntrack_tcp_timeout_syn_sent"] == "30"
+    assert got["nf_conntrack_tcp_timeout_established"] == "600"
+    assert got["nf_conntrack_tcp_timeout_last_ack"] == "20"
+    assert got["nf_conntrack_tcp_timeout_time_wait"] == "5"
+    assert got["nf_conntrack_tcp_timeout_close"] == "1"  # whole seconds, at least one
+    assert got["nf_conntrack_udp_timeout_stream"] == "90"
+    assert got["nf_conntrack_tcp_be_liberal"] == "1"
