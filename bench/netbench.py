@@ -51,11 +51,12 @@ TCP_SYSCTLS = {
 NEEDS: dict[str, dict[str, tuple[str, ...]]] = {
     "throughput": {"kernel": ("iperf3",), "haproxy": ("iperf3", "haproxy"),
                    "lbd": ("iperf3", "lbd"), "lbd-pure": ("iperf3", "lbd"),
-                   "lbd-2w": ("iperf3", "lbd")},
+                   "lbd-2w": ("iperf3", "lbd"), "lbd-offload": ("iperf3", "lbd")},
     "pps": {"kernel": ("iperf3",), "lbd": ("iperf3", "lbd"), "lbd-pure": ("iperf3", "lbd"),
-            "lbd-2w": ("iperf3", "lbd")},
+            "lbd-2w": ("iperf3", "lbd"), "lbd-offload": ("iperf3", "lbd")},
     "cps": {"haproxy": ("wrk", "nginx", "haproxy"), "lbd": ("wrk", "nginx", "lbd"),
-            "lbd-pure": ("wrk", "nginx", "lbd"), "lbd-2w": ("wrk", "nginx", "lbd")},
+            "lbd-pure": ("wrk", "nginx", "lbd"), "lbd-2w": ("wrk", "nginx", "lbd"),
+            "lbd-offload": ("wrk", "nginx", "lbd")},
 }
 
 
@@ -250,6 +251,7 @@ LBD_CONF = """\
 [node]
 name = "bench"
 control_socket = "{socket}"
+state_dir = "{state}"
 
 [dataplane]
 client_interface = "eth0"
@@ -300,12 +302,18 @@ def _tail(path: Path, lines: int = 15) -> str:
         return "(no log)"
 
 
-def _lbd_conf(tmp: Path) -> Path:
+def _lbd_conf(tmp: Path, *, offload: bool = False) -> Path:
+    """lbd's bench config (``offload``: with ``[dataplane] offload = "conntrack"``)."""
     conf = tmp / "lbd.toml"
     web = "\n".join(f'  {{ address = "{SERVERS[n]}", port = {HTTP_RPORT} }},'
                     for n in WEB_SERVERS)
-    conf.write_text(LBD_CONF.format(socket=tmp / "lbd.sock", vip=VIP, iperf=IPERF_PORT,
-                                    http=HTTP_VPORT, s1=SERVERS["s1"], web=web))
+    text = LBD_CONF.format(socket=tmp / "lbd.sock", state=tmp / "state", vip=VIP,
+                           iperf=IPERF_PORT,
+                           http=HTTP_VPORT, s1=SERVERS["s1"], web=web)
+    if offload:
+        text = text.replace('server_interface = "eth1"\n',
+                            'server_interface = "eth1"\noffload = "conntrack"\n', 1)
+    conf.write_text(text)
     return conf
 
 
@@ -326,12 +334,13 @@ def start_workers(lab: Lab, tmp: Path, workers: int) -> tuple[subprocess.Popen[b
     return proc, log
 
 
-def start_lbd(lab: Lab, tmp: Path, *, pure: bool = False) -> tuple[subprocess.Popen[bytes], Path]:
+def start_lbd(lab: Lab, tmp: Path, *, pure: bool = False,
+              offload: bool = False) -> tuple[subprocess.Popen[bytes], Path]:
     """Start lbd in lba (``pure``: with LBD_NATIVE=pure, else with whatever build the
-    environment gives it: lb/native.py); return its process and log. Raises BenchError when
-    it does not come up."""
+    environment gives it: lb/native.py; ``offload``: with the kernel fast path); return its
+    process and log. Raises BenchError when it does not come up."""
     sock = tmp / "lbd.sock"
-    conf = _lbd_conf(tmp)
+    conf = _lbd_conf(tmp, offload=offload)
     log = tmp / "lbd.log"
     env = {**ENV, "LBD_NATIVE": "pure"} if pure else ENV
     proc = lab.spawn("lba", [str(BIN / "lbd"), "--config", str(conf)], log=str(log), env=env)
@@ -512,8 +521,9 @@ def _setup(system: str, lab: Lab, tmp: Path) -> Target:
         return Target(SERVERS["s1"], SERVERS["s1"], HTTP_RPORT)
     if system == "haproxy":
         proc, log = start_haproxy(lab, tmp)
-    elif system in ("lbd", "lbd-pure"):
-        proc, log = start_lbd(lab, tmp, pure=system == "lbd-pure")
+    elif system in ("lbd", "lbd-pure", "lbd-offload"):
+        proc, log = start_lbd(lab, tmp, pure=system == "lbd-pure",
+                              offload=system == "lbd-offload")
     elif system == "lbd-2w":
         proc, log = start_workers(lab, tmp, 2)
     else:

@@ -13,20 +13,22 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
-SYSTEMS: Final = ("lbd", "kernel", "haproxy", "lbd-pure", "lbd-2w")
-ALWAYS_SHOWN: Final = SYSTEMS[:3]  # lbd-pure, lbd-2w: a column only in a run that measured it
+SYSTEMS: Final = ("lbd", "kernel", "haproxy", "lbd-pure", "lbd-2w", "lbd-offload")
+ALWAYS_SHOWN: Final = SYSTEMS[:3]  # the others: a column only in a run that measured them
 
 Op = Literal[">=", "<="]
 
 
 @dataclass(frozen=True, slots=True)
 class Check:
-    """``lbd / peer  OP  target`` (a ratio), or ``lbd  OP  target`` when ``peer`` is None.
-    A check without a target only shows the ratio."""
+    """``subject / peer  OP  target`` (a ratio), or ``subject  OP  target`` when ``peer`` is
+    None. A check without a target only shows the ratio. ``subject``: lbd, or a variant of
+    it measured in the same run (lbd-offload: with the kernel fast path)."""
 
     peer: str | None
     op: Op = ">="
     target: float | None = None
+    subject: str = "lbd"
 
 
 @dataclass(slots=True)
@@ -59,7 +61,7 @@ class Figure:
     def outcome(self, check: Check) -> tuple[float | None, bool | None]:
         """The checked number (a ratio, or lbd's value) and whether it meets the target;
         (None, None) when a value is missing."""
-        mine = self.values.get("lbd")
+        mine = self.values.get(check.subject)
         if mine is None:
             return None, None
         if check.peer is None:
@@ -103,7 +105,7 @@ def _check_cells(fig: Figure, check: Check) -> list[str]:
         target = f"{sign} {_num(check.target)} {fig.unit}"
     else:
         target = f"{sign} {check.target:.2f}x"
-    label = "lbd" if check.peer is None else f"lbd/{check.peer}"
+    label = check.subject if check.peer is None else f"{check.subject}/{check.peer}"
     shown = "-" if number is None else (
         f"{number:.2f}x" if check.peer else f"{_num(number)}")
     result = "" if check.target is None else "n/a" if ok is None else "PASS" if ok else "FAIL"
