@@ -90,9 +90,11 @@ def _nla(atype: int, length: int, *, nested: bool = False) -> bytes:
     return _NLA.pack(length, atype | (NLA_F_NESTED if nested else 0))
 
 
-def _header(length: int, msg: int, flags: int) -> bytes:
-    return _NLMSG.pack(length, (NFNL_SUBSYS_CTNETLINK << 8) | msg, flags, 0, 0) + \
-        bytes((socket.AF_INET, 0, 0, 0))  # nfgenmsg: family, version, res_id
+def _header(length: int, msg: int, flags: int) -> tuple[bytes, bytes]:
+    """The constant parts of a request's first 20 bytes, around its sequence number: length,
+    type and flags; then the port id (0) and the nfgenmsg (family, version, res_id)."""
+    return (struct.pack("=IHH", length, (NFNL_SUBSYS_CTNETLINK << 8) | msg, flags),
+            bytes(4) + bytes((socket.AF_INET, 0, 0, 0)))
 
 
 TUPLE_LEN: Final = 52
@@ -119,19 +121,19 @@ _P = (_nla(CTA_PROTOINFO, 16, nested=True), _nla(CTA_PROTOINFO_TCP, 12, nested=T
       _nla(CTA_PROTOINFO_TCP_STATE, 5))
 
 _HEAD_LEN: Final = 20  # nlmsghdr + nfgenmsg
-_NEW_UDP_FMT: Final = (">20s" + _TUPLE_FMT * 2 + "4sI4sI" + "4s4sI4sI4s4sH2x4sH2x")
+_NEW_UDP_FMT: Final = (">8sI8s" + _TUPLE_FMT * 2 + "4sI4sI" + "4s4sI4sI4s4sH2x4sH2x")
 _NEW_TCP_FMT: Final = _NEW_UDP_FMT + "4s4s4sB3x"
 _NEW_UDP: Final = struct.Struct(_NEW_UDP_FMT)
 _NEW_TCP: Final = struct.Struct(_NEW_TCP_FMT)
-_BY_TUPLE: Final = struct.Struct(">20s" + _TUPLE_FMT)
+_BY_TUPLE: Final = struct.Struct(">8sI8s" + _TUPLE_FMT)
 NEW_TCP_LEN: Final = _NEW_TCP.size
 NEW_UDP_LEN: Final = _NEW_UDP.size
 BY_TUPLE_LEN: Final = _BY_TUPLE.size
 _CREATE: Final = NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL
-_H_NEW_TCP = _header(NEW_TCP_LEN, IPCTNL_MSG_CT_NEW, _CREATE)
-_H_NEW_UDP = _header(NEW_UDP_LEN, IPCTNL_MSG_CT_NEW, _CREATE)
-_H_DELETE = _header(BY_TUPLE_LEN, IPCTNL_MSG_CT_DELETE, NLM_F_REQUEST)
-_H_GET = _header(BY_TUPLE_LEN, IPCTNL_MSG_CT_GET, NLM_F_REQUEST)
+_H_NEW_TCP, _H_TAIL = _header(NEW_TCP_LEN, IPCTNL_MSG_CT_NEW, _CREATE)
+_H_NEW_UDP = _header(NEW_UDP_LEN, IPCTNL_MSG_CT_NEW, _CREATE)[0]
+_H_DELETE = _header(BY_TUPLE_LEN, IPCTNL_MSG_CT_DELETE, NLM_F_REQUEST)[0]
+_H_GET = _header(BY_TUPLE_LEN, IPCTNL_MSG_CT_GET, NLM_F_REQUEST)[0]
 assert NEW_TCP_LEN == 196 and NEW_UDP_LEN == 180 and BY_TUPLE_LEN == 72
 
 MAX_REQUEST: Final = BY_TUPLE_LEN + NEW_TCP_LEN
@@ -142,7 +144,8 @@ def pack_new(buf: bytearray, off: int, fkey: int, raddr: int, rport: int, timeou
              mark: int, tcp_state: int) -> int:
     """Write at ``off`` the NEW that creates flow ``fkey`` (client → VIP) with its
     destination translated to ``raddr:rport``, ``timeout`` seconds to live, ct mark ``mark``
-    and, for TCP, the kernel's ``tcp_state``. Returns the offset after it.
+    and, for TCP, the kernel's ``tcp_state``. Returns the offset after it. The sequence
+    number is ``mark`` too: an error echoes it, which tells whose NEW was refused.
 
     The reply tuple is the untranslated one (VIP → client): the kernel derives the
     translated reply (server → client) from it and CTA_NAT_DST, and only a translation that
@@ -156,7 +159,7 @@ def pack_new(buf: bytearray, off: int, fkey: int, raddr: int, rport: int, timeou
     if proto == socket.IPPROTO_TCP:
         p = _P
         _NEW_TCP.pack_into(
-            buf, off, _H_NEW_TCP,
+            buf, off, _H_NEW_TCP, mark, _H_TAIL,
             o[0], o[1], o[2], caddr, o[3], vaddr, o[4], o[5], proto, o[6], cport, o[7], vport,
             r[0], r[1], r[2], vaddr, r[3], caddr, r[4], r[5], proto, r[6], vport, r[7], cport,
             _T, timeout, _M, mark,
@@ -164,7 +167,7 @@ def pack_new(buf: bytearray, off: int, fkey: int, raddr: int, rport: int, timeou
             p[0], p[1], p[2], tcp_state)
         return off + NEW_TCP_LEN
     _NEW_UDP.pack_into(
-        buf, off, _H_NEW_UDP,
+        buf, off, _H_NEW_UDP, mark, _H_TAIL,
         o[0], o[1], o[2], caddr, o[3], vaddr, o[4], o[5], proto, o[6], cport, o[7], vport,
         r[0], r[1], r[2], vaddr, r[3], caddr, r[4], r[5], proto, r[6], vport, r[7], cport,
         _T, timeout, _M, mark,
@@ -172,23 +175,24 @@ def pack_new(buf: bytearray, off: int, fkey: int, raddr: int, rport: int, timeou
     return off + NEW_UDP_LEN
 
 
-def _pack_by_tuple(head: bytes, buf: bytearray, off: int, fkey: int) -> int:
+def _pack_by_tuple(head: bytes, buf: bytearray, off: int, fkey: int, seq: int) -> int:
     o = _O
     proto = fkey >> 96
-    _BY_TUPLE.pack_into(buf, off, head, o[0], o[1], o[2], (fkey >> 64) & _U32, o[3],
+    _BY_TUPLE.pack_into(buf, off, head, seq, _H_TAIL, o[0], o[1], o[2], (fkey >> 64) & _U32, o[3],
                         (fkey >> 32) & _U32, o[4], o[5], proto, o[6], (fkey >> 16) & _U16,
                         o[7], fkey & _U16)
     return off + BY_TUPLE_LEN
 
 
-def pack_delete(buf: bytearray, off: int, fkey: int) -> int:
+def pack_delete(buf: bytearray, off: int, fkey: int, seq: int = 0) -> int:
     """Write at ``off`` the DELETE of the entry whose original tuple is flow ``fkey``."""
-    return _pack_by_tuple(_H_DELETE, buf, off, fkey)
+    return _pack_by_tuple(_H_DELETE, buf, off, fkey, seq)
 
 
-def pack_get(buf: bytearray, off: int, fkey: int) -> int:
-    """Write at ``off`` the GET of the entry whose original tuple is flow ``fkey``."""
-    return _pack_by_tuple(_H_GET, buf, off, fkey)
+def pack_get(buf: bytearray, off: int, fkey: int, seq: int = 0) -> int:
+    """Write at ``off`` the GET of the entry whose original tuple is flow ``fkey`` (``seq``:
+    echoed by an error, e.g. the mark of the entry the GET expects)."""
+    return _pack_by_tuple(_H_GET, buf, off, fkey, seq)
 
 
 # ---- decoding -------------------------------------------------------------------------------
@@ -199,8 +203,9 @@ ENTRY, DESTROYED, ERROR = "entry", "destroyed", "error"
 class CtMessage:
     """One decoded message. ``kind``: ENTRY (an update event or a GET's answer), DESTROYED (a
     destroy event) or ERROR (a refused request: ``request`` is its IPCTNL_MSG_CT_* type,
-    ``errno`` the error). ``fkey``: the flow by its original tuple (0: not an IPv4 TCP/UDP
-    entry); ``mark``, ``status``, ``tcp_state``: the entry's (0 when absent)."""
+    ``errno`` the error, ``seq`` the sequence number it carried). ``fkey``: the flow by its
+    original tuple (0: not an IPv4 TCP/UDP entry); ``mark``, ``status``, ``tcp_state``: the
+    entry's (0 when absent); ``timeout``: the seconds it has left (-1 when absent)."""
 
     kind: str
     fkey: int
@@ -209,6 +214,8 @@ class CtMessage:
     tcp_state: int = 0
     request: int = 0
     errno: int = 0
+    seq: int = 0
+    timeout: int = -1
 
 
 def _tuple_key(data: bytes | bytearray | memoryview, off: int, end: int) -> int:
@@ -223,7 +230,7 @@ def _tuple_key(data: bytes | bytearray | memoryview, off: int, end: int) -> int:
         atype &= ~NLA_F_NESTED & _U16
         while inner + 4 <= inner_end:
             ilen, itype = _NLA.unpack_from(data, inner)
-            if ilen < 4:
+            if ilen < 4 or inner + ilen > inner_end:
                 return 0
             itype &= ~NLA_F_NESTED & _U16
             if atype == CTA_TUPLE_IP and ilen == 8:
@@ -251,9 +258,10 @@ _ORIG_PARTS: Final = (_O[3], _O[4] + _O[5], _O[6], _O[7])
 
 
 def _entry(data: bytes | bytearray | memoryview, off: int,
-           end: int) -> tuple[int, int, int, int]:
-    """(forward key, mark, status, TCP state) of the attributes at ``off:end``."""
+           end: int) -> tuple[int, int, int, int, int]:
+    """(forward key, mark, status, TCP state, timeout) of the attributes at ``off:end``."""
     fkey = mark = status = state = 0
+    timeout = -1
     if end - off >= TUPLE_LEN:  # the common case, the kernel's own layout: one unpack
         head, src, h_dst, dst, h_proto, proto, h_sport, sport, h_dport, dport = \
             _ORIG_FAST.unpack_from(data, off)
@@ -272,6 +280,8 @@ def _entry(data: bytes | bytearray | memoryview, off: int,
             mark = _BE32.unpack_from(data, off + 4)[0]
         elif atype == CTA_STATUS and length == 8:
             status = _BE32.unpack_from(data, off + 4)[0]
+        elif atype == CTA_TIMEOUT and length == 8:
+            timeout = _BE32.unpack_from(data, off + 4)[0]
         elif atype == CTA_PROTOINFO:
             inner = off + 4  # CTA_PROTOINFO_TCP, then its STATE
             if inner + 4 <= stop and _NLA.unpack_from(data, inner)[1] & 0x7FFF == \
@@ -280,13 +290,13 @@ def _entry(data: bytes | bytearray | memoryview, off: int,
                 tcp_end = min(inner + _NLA.unpack_from(data, inner)[0], stop)
                 while tcp + 4 <= tcp_end:
                     tlen, ttype = _NLA.unpack_from(data, tcp)
-                    if tlen < 4:
+                    if tlen < 4 or tcp + tlen > tcp_end:
                         break
                     if ttype == CTA_PROTOINFO_TCP_STATE and tlen >= 5:
                         state = data[tcp + 4]
                     tcp += (tlen + 3) & ~3
         off += (length + 3) & ~3
-    return fkey, mark, status, state
+    return fkey, mark, status, state, timeout
 
 
 def parse(data: bytes | bytearray | memoryview, n: int) -> list[CtMessage]:
@@ -303,20 +313,21 @@ def parse(data: bytes | bytearray | memoryview, n: int) -> list[CtMessage]:
         if mtype == NLMSG_ERROR and length >= 20 + _HEAD_LEN:
             err = -_ERRNO.unpack_from(data, body)[0]
             if err:  # 0 is an acknowledgement
-                req_type = _NLMSG.unpack_from(data, body + 4)[1]
-                req_len = _NLMSG.unpack_from(data, body + 4)[0]
+                req_len, req_type = _NLMSG.unpack_from(data, body + 4)[:2]
+                seq = _BE32.unpack_from(data, body + 12)[0]  # as pack_* wrote it
                 attrs = body + 4 + _HEAD_LEN
                 stop = min(body + 4 + req_len, end)
                 fkey = _tuple_key_of_request(data, attrs, stop)
-                out.append(CtMessage(ERROR, fkey, request=req_type & 0xFF, errno=err))
+                out.append(CtMessage(ERROR, fkey, request=req_type & 0xFF, errno=err,
+                                     seq=seq))
         elif mtype >> 8 == NFNL_SUBSYS_CTNETLINK and length >= _HEAD_LEN and \
                 data[body] == socket.AF_INET:
             msg = mtype & 0xFF
             if msg in (IPCTNL_MSG_CT_NEW, IPCTNL_MSG_CT_DELETE):
-                fkey, mark, status, state = _entry(data, off + _HEAD_LEN, end)
+                fkey, mark, status, state, timeout = _entry(data, off + _HEAD_LEN, end)
                 if fkey:
                     out.append(CtMessage(DESTROYED if msg == IPCTNL_MSG_CT_DELETE else ENTRY,
-                                         fkey, mark, status, state))
+                                         fkey, mark, status, state, timeout=timeout))
         off += (length + 3) & ~3
     return out
 

@@ -129,6 +129,9 @@ class Forwarder:
         # The kernel fast path (lb.offload): told of each new session, with the flags of its
         # first packet, before that packet is written back.
         self.offload: Callable[[Session, int], None] | None = None
+        # ... and of every other packet it forwards itself (of an offloaded flow: one the
+        # kernel refused).
+        self.offload_seen: Callable[[Session, int], None] | None = None
         # A copy's state is its owner's: report a reply after half its timeout of silence.
         self._refresh_after = tuple(t / 2 for t in sessions.timeout_of)
         self.set_services(services)
@@ -176,6 +179,8 @@ class Forwarder:
                     self.offload(s, flags)
             else:
                 self.sessions.seen_forward(s, flags, now)
+                if self.offload_seen is not None:
+                    self.offload_seen(s, flags)
             srv = s.server
             rewrite_dst(buf, off, l4, proto, srv.addr, srv.port, partial)
             self.packets_in += 1
@@ -198,6 +203,8 @@ class Forwarder:
         svc: Service = s.service
         if svc.owned:
             self.sessions.seen_reply(s, flags, now)
+            if self.offload_seen is not None:
+                self.offload_seen(s, flags)
         elif flags & (FIN | RST):
             if self.peer is not None:
                 self.peer.reply_seen(s, flags)

@@ -353,7 +353,7 @@ class Node:
         if self.syn_proxy.loaded:
             await asyncio.to_thread(self.syn_proxy.remove)
         if self.offload is not None and self.offload.loaded:
-            self.forwarder.offload = None
+            self.forwarder.offload = self.forwarder.offload_seen = None
             self.counts.on_removed = None
             self.offload.close()
             await asyncio.to_thread(self.offload.remove)
@@ -584,6 +584,7 @@ class Node:
         self.offload.loaded = True
         self.offload.replies_here = self._replies_here()
         self.forwarder.offload = self.offload.opened
+        self.forwarder.offload_seen = self.offload.seen
         self.counts.on_removed = self.offload.removed
 
     async def _apply_offload(self, config: Config) -> None:

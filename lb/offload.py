@@ -166,34 +166,33 @@ _STATE_OF: Final[dict[int, int]] = {
 """lbd's session state for the kernel's TCP conntrack state (which has a few more)."""
 
 
-def mark_of(stamp: float) -> int:
-    """The ct mark of the entry made for a session whose ``last_seen`` was ``stamp``: lbd's
-    bit and the stamp's microseconds (two entries of one tuple made in the same microsecond
-    are the only ones it cannot tell apart)."""
-    return CT_MARK | (int(stamp * 1e6) & (CT_MARK - 1) or 1)
-
-
 class Offloads:
     """Which flows are in the kernel, and what a kernel message means for the session table
-    (pure: sessions and ``now`` in, table calls and messages to send out).
+    (pure: sessions and ``now`` in, table calls out; the caller sends what they ask for).
 
-    ``flows`` maps a session's forward key to its ``last_seen`` when it went to the kernel
-    (the same float object: an entry costs the dict slot only). The kernel's account of the
-    flow never moves ``last_seen``, so a later one means lbd forwarded a packet of the flow
-    itself (the kernel refused it): the flow is no longer the kernel's alone. The entry's ct
-    mark is derived from that stamp (:func:`mark_of`), which tells a new entry of a reused
-    tuple from the old one whose DESTROY may still be on its way.
+    ``flows`` maps a session's forward key to its entry's ct mark: lbd's bit and a serial
+    number, which tells a new entry of a reused tuple from the old one whose DESTROY may
+    still be on its way (the serial wraps after 2^31 entries). Requests carry the mark as
+    their sequence number, so an error names the entry it was about too. A flow stays in
+    ``flows`` until the kernel ends it (DESTROY, or a GET that finds nothing), lbd removes
+    its session, or lbd forwards a packet of it after all (:meth:`returned`: the kernel
+    refused it; the caller then deletes the entry). ``owned`` says whether a session is
+    this node's own (a DESTROY of an entry whose flow the peer now forwards leaves the
+    session, the peer's copy, alone).
     """
 
-    def __init__(self, sessions: SessionTable[Any]) -> None:
+    def __init__(self, sessions: SessionTable[Any],
+                 owned: Callable[[Session], bool] = lambda s: True) -> None:
         self.sessions = sessions
-        self.flows: dict[int, float] = {}
+        self.owned = owned
+        self.flows: dict[int, int] = {}
+        self._serial = 0
         # counters
         self.offloaded_total = 0
-        self.failed_total = 0  # NEWs the kernel refused (the flow stays on lbd's path)
+        self.failed_total = 0  # NEWs the kernel refused or that were not sent
         self.established_total = 0
         self.closed_total = 0  # sessions removed because the kernel ended their flow
-        self.returned_total = 0  # flows lbd forwarded itself after all
+        self.returned_total = 0  # flows lbd forwarded itself after all (entry deleted)
         self.checks_total = 0  # GETs sent for a session whose deadline passed
 
     def __len__(self) -> int:
@@ -201,73 +200,80 @@ class Offloads:
 
     def take(self, s: Session) -> int:
         """``s`` goes to the kernel: returns its entry's ct mark."""
-        stamp = s.last_seen
-        self.flows[s.fkey] = stamp
+        self._serial = (self._serial + 1) & (CT_MARK - 1) or 1
+        mark = CT_MARK | self._serial
+        self.flows[s.fkey] = mark
         self.offloaded_total += 1
-        return mark_of(stamp)
+        return mark
 
-    def _current(self, fkey: int, mark: int) -> Session | None:
-        """The session of flow ``fkey`` if the kernel still has it alone under ``mark``
-        (0: any mark); otherwise forgets the flow and returns None."""
-        stamp = self.flows.get(fkey)
-        if stamp is None or (mark and mark_of(stamp) != mark):
-            return None
+    def not_sent(self, s: Session) -> None:
+        """The NEW for ``s`` could not be sent: the flow stays on lbd's path."""
+        if self.flows.pop(s.fkey, None) is not None:
+            self.offloaded_total -= 1
+            self.failed_total += 1
+
+    def _ended(self, fkey: int, now: float) -> None:
+        """The kernel no longer has flow ``fkey``'s entry: its session ends with it."""
+        del self.flows[fkey]
         s = self.sessions.lookup(fkey)
-        if s is None or s.last_seen > stamp:
-            del self.flows[fkey]
-            if s is not None:
-                self.returned_total += 1
-            return None
-        return s
+        if s is not None and self.owned(s):
+            self.closed_total += 1
+            self.sessions.remove(s, "conntrack", now)
 
     def on_message(self, m: CtMessage, now: float) -> None:
         """Apply one decoded kernel message."""
-        if m.kind == DESTROYED:
-            if not m.mark & CT_MARK:
+        if m.kind == ERROR:
+            if self.flows.get(m.fkey) != m.seq:  # about another entry of the tuple
                 return
-            s = self._current(m.fkey, m.mark)
-            if s is not None:
+            if m.request == IPCTNL_MSG_CT_NEW:
                 del self.flows[m.fkey]
-                self.closed_total += 1
-                self.sessions.remove(s, "conntrack", now)
-        elif m.kind == ENTRY:
-            if not m.mark & CT_MARK:
-                return
-            s = self._current(m.fkey, m.mark)
-            if s is None or s.proto != IPPROTO_TCP:
-                return
+                self.offloaded_total -= 1
+                self.failed_total += 1
+            elif m.request == IPCTNL_MSG_CT_GET and m.errno == errno_.ENOENT:
+                self._ended(m.fkey, now)  # its DESTROY was lost, or is still coming
+            return
+        if not m.mark & CT_MARK or self.flows.get(m.fkey) != m.mark:
+            return  # not lbd's, or an older entry of a reused tuple
+        if m.kind == DESTROYED:
+            self._ended(m.fkey, now)
+            return
+        s = self.sessions.lookup(m.fkey)
+        if m.kind != ENTRY or s is None:
+            return
+        if s.proto == IPPROTO_TCP:
             state = _STATE_OF.get(m.tcp_state, 0)
             if state and state != s.state:
                 if state == _ESTABLISHED and s.state == _SYN_RECV:
                     self.established_total += 1
                 self.sessions.adopt_state(s, state, now)
-        elif m.kind == ERROR:
-            if m.request == IPCTNL_MSG_CT_NEW:
-                if self.flows.pop(m.fkey, None) is not None:
-                    self.failed_total += 1
-            elif m.request == IPCTNL_MSG_CT_GET and m.errno == errno_.ENOENT:
-                s = self._current(m.fkey, 0)  # the entry is gone: its DESTROY was lost
-                if s is not None:
-                    del self.flows[m.fkey]
-                    self.closed_total += 1
-                    self.sessions.remove(s, "conntrack", now)
+        if m.timeout >= 0:
+            # The kernel refreshes the entry on every packet: its idle time is what its
+            # state's timeout (lbd's, conntrack_sysctls) has used up. The session's idle
+            # clock follows it, which is what the table snapshot and the peer's copy read.
+            idle = self.sessions.timeout_of[s.state] - m.timeout
+            seen = now - (idle if idle > 0 else 0)
+            s.last_seen = max(s.last_seen, seen)
+
+    def returned(self, s: Session) -> bool:
+        """lbd forwarded a packet of ``s``, which the kernel should have (it refused it):
+        True when ``s`` was offloaded; the flow is lbd's again and its entry must go."""
+        if self.flows.pop(s.fkey, None) is None:
+            return False
+        self.returned_total += 1
+        return True
 
     def removed(self, s: Session) -> bool:
         """lbd removed ``s``: True when its entry must be deleted from the kernel."""
         return self.flows.pop(s.fkey, None) is not None
 
-    def keep(self, s: Session) -> bool:
-        """The deadline of ``s`` passed: True to keep it (the kernel still forwards it; the
-        caller asks the kernel to confirm)."""
-        stamp = self.flows.get(s.fkey)
-        if stamp is None:
-            return False
-        if s.last_seen > stamp:  # lbd's own timers govern it again
-            del self.flows[s.fkey]
-            self.returned_total += 1
-            return False
-        self.checks_total += 1
-        return True
+    def keep(self, s: Session) -> int:
+        """The deadline of ``s`` passed: its entry's mark when the kernel still has the
+        flow (keep it; the caller asks the kernel, GET, with that sequence number), else
+        0 (lbd's timers govern it)."""
+        mark = self.flows.get(s.fkey, 0)
+        if mark:
+            self.checks_total += 1
+        return mark
 
     def stats(self) -> dict[str, int]:
         return {"flows": len(self.flows), "offloaded": self.offloaded_total,
@@ -293,7 +299,7 @@ class ConntrackOffload:
 
     def __init__(self, sessions: SessionTable[Any], timeouts: SessionTimeouts,
                  clock: Callable[[], float]) -> None:
-        self.table = Offloads(sessions)
+        self.table = Offloads(sessions, owned=lambda s: bool(s.service.owned))
         self.clock = clock
         self._timeout_syn = max(1, round(timeouts.tcp_syn))
         self._timeout_udp = max(1, round(timeouts.udp))
@@ -385,7 +391,10 @@ class ConntrackOffload:
         if self._sock is None or not s.service.owned or not self.replies_here:
             return
         srv = s.server
-        out, end = self._out, self._pending
+        if self._pending + MAX_REQUEST > len(self._out):
+            self.send_pending()
+        out, pending = self._out, self._pending
+        end = pending
         if proto == IPPROTO_TCP:
             if not flags & 0x02 or flags & 0x10:  # a SYN opens it; a flow picked up stays
                 return
@@ -402,20 +411,31 @@ class ConntrackOffload:
             return
         self._pending = 0
         if not self._send(end):
-            self.table.flows.pop(s.fkey, None)
+            self.table.not_sent(s)
+            if pending:  # the DELETEs queued before it must not be lost with it
+                self._send(pending)
 
     def removed(self, s: Session, reason: str) -> None:
         """The session table removed ``s``: delete its entry unless the kernel ended it."""
         if self.table.removed(s) and reason != "conntrack":
-            self._queue(pack_delete, s.fkey)
+            self._queue(pack_delete, s.fkey, 0)
+
+    def seen(self, s: Session, flags: int) -> None:
+        """The forwarder forwarded a packet of ``s`` itself (not a flow's first). For an
+        offloaded TCP flow that is a packet the kernel refused (a retransmitted SYN is not:
+        SYNs are untracked, so they always reach lbd): the flow is lbd's from now on, and
+        its entry goes. (UDP: only datagrams that were queued before the entry existed.)"""
+        if s.fkey >> 96 == IPPROTO_TCP and flags & 0x12 != 0x02 and self.table.returned(s):
+            self._queue(pack_delete, s.fkey, 0)
 
     def keep(self, s: Session) -> bool:
-        if not self.table.keep(s):
+        mark = self.table.keep(s)
+        if not mark:
             return False
-        self._queue(pack_get, s.fkey)
+        self._queue(pack_get, s.fkey, mark)
         return True
 
-    def _queue(self, pack: Any, fkey: int) -> None:
+    def _queue(self, pack: Any, fkey: int, seq: int) -> None:
         """Add a DELETE or GET to ``_out``, sent with the next NEW or when the loop's
         current callbacks are done."""
         if self._sock is None:
@@ -424,7 +444,7 @@ class ConntrackOffload:
             self.send_pending()
         if not self._pending and self._loop is not None:
             self._loop.call_soon(self.send_pending)
-        self._pending = pack(self._out, self._pending, fkey)
+        self._pending = pack(self._out, self._pending, fkey, seq)
 
     def send_pending(self) -> None:
         end, self._pending = self._pending, 0

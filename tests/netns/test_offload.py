@@ -160,3 +160,23 @@ def test_a_killed_lbds_kernel_state_is_removed_by_the_next_start(env: LabEnv) ->
         assert "fwmark" not in env.lab.sh("lba", "ip rule")
     finally:
         holder.close()
+
+
+def test_a_retransmitted_syn_leaves_the_flow_in_the_kernel(env: LabEnv) -> None:
+    """The servers drop their first SYN-ACK, so the client's SYN is retransmitted; SYNs are
+    untracked, so that one reaches lbd too. It is the same flow: it stays in the kernel,
+    which carries the handshake and the rest (a flow lbd took back would show as
+    ``returned`` and stay half-open in lbd's table)."""
+    env.start_servers()
+    for name in SERVERS:
+        env.lab.sh(name, "nft add table ip lossy")
+        env.lab.sh(name, "nft add chain ip lossy out { type filter hook output priority 0 ; }")
+        env.lab.sh(name, "nft add rule ip lossy out tcp flags & (syn | ack) == syn | ack "
+                         "numgen inc mod 1000000 == 0 drop")
+    lbd = env.lbd(offloaded(configs.single()))
+    got: Any = env.client("c1", "get", URL, "--count", "1", "--timeout", "5")
+    assert got["answers"] == ["s1"]
+    status = lbd.ctl("status")["offload"]
+    assert status["offloaded"] == 1 and status["returned"] == 0
+    assert status["established"] == 1
+    assert forwarded(env) == (2, 0)  # the SYN twice, nothing else

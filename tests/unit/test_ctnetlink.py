@@ -98,18 +98,20 @@ def message(msg: int, attrs: bytes, family: int = socket.AF_INET) -> bytes:
 
 
 def event(msg: int, *, mark: int = 0x80000003, state: int = ct.CT_TCP_ESTABLISHED,
-          status: int = 0x4) -> bytes:
+          status: int = 0x4, timeout: int | None = 431999) -> bytes:
     info = nla(ct.CTA_PROTOINFO, nla(ct.CTA_PROTOINFO_TCP,
                                      nla(ct.CTA_PROTOINFO_TCP_STATE, bytes((state,))), True),
                True)
-    return message(msg, orig() + nla(ct.CTA_STATUS, struct.pack(">I", status)) + info
+    left = b"" if timeout is None else nla(ct.CTA_TIMEOUT, struct.pack(">I", timeout))
+    return message(msg, orig() + nla(ct.CTA_STATUS, struct.pack(">I", status)) + left + info
                    + nla(ct.CTA_MARK, struct.pack(">I", mark)))
 
 
 def test_events_decode_to_the_flow_and_its_state() -> None:
-    data = event(ct.IPCTNL_MSG_CT_NEW) + event(ct.IPCTNL_MSG_CT_DELETE, state=ct.CT_TCP_CLOSE)
+    data = event(ct.IPCTNL_MSG_CT_NEW) + event(ct.IPCTNL_MSG_CT_DELETE, state=ct.CT_TCP_CLOSE,
+                                               timeout=None)
     assert ct.parse(data, len(data)) == [
-        ct.CtMessage(ct.ENTRY, key(), 0x80000003, 0x4, ct.CT_TCP_ESTABLISHED),
+        ct.CtMessage(ct.ENTRY, key(), 0x80000003, 0x4, ct.CT_TCP_ESTABLISHED, timeout=431999),
         ct.CtMessage(ct.DESTROYED, key(), 0x80000003, 0x4, ct.CT_TCP_CLOSE)]
 
 
@@ -120,8 +122,10 @@ def test_an_error_names_the_request_and_the_flow_it_echoes() -> None:
     err = struct.pack("=IHHII", 16 + len(body), ct.NLMSG_ERROR, 0, 0, 0) + body
     ack = struct.pack("=IHHII", 36, ct.NLMSG_ERROR, 0, 0, 0) + bytes(20)  # error 0: an ack
     data = err + ack
+    # the sequence number is the entry's mark: the refusal says whose NEW it was
     assert ct.parse(data, len(data)) == [
-        ct.CtMessage(ct.ERROR, key(), request=ct.IPCTNL_MSG_CT_NEW, errno=17)]
+        ct.CtMessage(ct.ERROR, key(), request=ct.IPCTNL_MSG_CT_NEW, errno=17,
+                     seq=0x80000001)]
 
 
 def test_foreign_messages_are_skipped() -> None:
