@@ -152,6 +152,12 @@ def conntrack_sysctls(t: SessionTimeouts) -> dict[str, str]:
     out = {f"nf_conntrack_tcp_timeout_{k}": str(max(1, round(v))) for k, v in tcp.items()}
     out["nf_conntrack_udp_timeout"] = str(max(1, round(t.udp)))
     out["nf_conntrack_udp_timeout_stream"] = str(max(1, round(t.udp)))
+    # The kernel would cap an entry with unacknowledged data or retransmissions at 300 s;
+    # lbd's sessions know no such cap (and the idle clock lbd reads from the entry's
+    # remaining time assumes the state's own timeout).
+    longest = str(max(1, round(max(t.tcp_established, t.tcp_fin, t.tcp_time_wait))))
+    out["nf_conntrack_tcp_timeout_unacknowledged"] = longest
+    out["nf_conntrack_tcp_timeout_max_retrans"] = longest
     out["nf_conntrack_tcp_be_liberal"] = "1"  # lbd tracks no windows either
     out["nf_conntrack_tcp_loose"] = "1"  # flows lbd forwards mid-stream (after a takeover)
     return out
@@ -238,21 +244,22 @@ class Offloads:
             self._ended(m.fkey, now)
             return
         s = self.sessions.lookup(m.fkey)
-        if m.kind != ENTRY or s is None:
-            return
+        if m.kind != ENTRY or s is None or not self.owned(s):
+            return  # (the peer's copy: the peer's account of the flow is the one that counts)
+        state = s.state
         if s.proto == IPPROTO_TCP:
-            state = _STATE_OF.get(m.tcp_state, 0)
-            if state and state != s.state:
-                if state == _ESTABLISHED and s.state == _SYN_RECV:
-                    self.established_total += 1
-                self.sessions.adopt_state(s, state, now)
+            state = _STATE_OF.get(m.tcp_state, 0) or state
         if m.timeout >= 0:
             # The kernel refreshes the entry on every packet: its idle time is what its
             # state's timeout (lbd's, conntrack_sysctls) has used up. The session's idle
-            # clock follows it, which is what the table snapshot and the peer's copy read.
-            idle = self.sessions.timeout_of[s.state] - m.timeout
-            seen = now - (idle if idle > 0 else 0)
-            s.last_seen = max(s.last_seen, seen)
+            # clock follows it, which is what the table snapshot and the peer's copy read;
+            # set before the state, whose change the peer is told of.
+            idle = self.sessions.timeout_of[state] - m.timeout
+            s.last_seen = max(s.last_seen, now - (idle if idle > 0 else 0))
+        if state != s.state:
+            if state == _ESTABLISHED and s.state == _SYN_RECV:
+                self.established_total += 1
+            self.sessions.adopt_state(s, state, now)
 
     def returned(self, s: Session) -> bool:
         """lbd forwarded a packet of ``s``, which the kernel should have (it refused it):
@@ -296,6 +303,7 @@ class ConntrackOffload:
     """
 
     RCVBUF = 8 << 20
+    RETRY = 0.1  # seconds before a failed send of queued requests is tried again
 
     def __init__(self, sessions: SessionTable[Any], timeouts: SessionTimeouts,
                  clock: Callable[[], float]) -> None:
@@ -307,6 +315,7 @@ class ConntrackOffload:
         self._out = bytearray(MAX_REQUEST * 64)
         self._out_view = memoryview(self._out)
         self._pending = 0  # bytes of DELETEs and GETs waiting in _out
+        self._retrying = False
         self._in = bytearray(1 << 16)
         self._loop: asyncio.AbstractEventLoop | None = None
         self.loaded = False
@@ -393,6 +402,9 @@ class ConntrackOffload:
         srv = s.server
         if self._pending + MAX_REQUEST > len(self._out):
             self.send_pending()
+            if self._pending + MAX_REQUEST > len(self._out):  # the kernel takes nothing
+                self.send_errors += 1
+                return
         out, pending = self._out, self._pending
         end = pending
         if proto == IPPROTO_TCP:
@@ -413,7 +425,8 @@ class ConntrackOffload:
         if not self._send(end):
             self.table.not_sent(s)
             if pending:  # the DELETEs queued before it must not be lost with it
-                self._send(pending)
+                self._pending = pending
+                self._retry()
 
     def removed(self, s: Session, reason: str) -> None:
         """The session table removed ``s``: delete its entry unless the kernel ended it."""
@@ -442,14 +455,30 @@ class ConntrackOffload:
             return
         if self._pending + MAX_REQUEST > len(self._out):
             self.send_pending()
+            if self._pending + MAX_REQUEST > len(self._out):  # the kernel takes nothing
+                self.send_errors += 1
+                return
         if not self._pending and self._loop is not None:
             self._loop.call_soon(self.send_pending)
         self._pending = pack(self._out, self._pending, fkey, seq)
 
     def send_pending(self) -> None:
-        end, self._pending = self._pending, 0
-        if end:
-            self._send(end)
+        end = self._pending
+        if not end:
+            return
+        if self._send(end):
+            self._pending = 0
+        else:  # kept: a DELETE lost would leave an entry translating a flow lbd forgot
+            self._retry()
+
+    def _retry(self) -> None:
+        if not self._retrying and self._loop is not None:
+            self._retrying = True
+            self._loop.call_later(self.RETRY, self._retried)
+
+    def _retried(self) -> None:
+        self._retrying = False
+        self.send_pending()
 
     def _send(self, end: int) -> bool:
         sock = self._sock

@@ -617,9 +617,14 @@ class SessionTable(Generic[S]):
 
     def adopt_state(self, s: Session, state: int, now: float) -> None:
         """``s`` is in TCP ``state`` by someone else's account (the kernel's conntrack,
-        which forwards the flow: lb.offload); ``last_seen`` is left as it is."""
-        if s.state not in (state, 0):  # (0: not TCP, no state machine)
-            self._set_state(s, state, now)
+        which forwards the flow: lb.offload). Its deadline follows ``last_seen`` (which the
+        caller sets first), not ``now``: the flow may have been idle for a while."""
+        if s.state in (state, 0) or s._slot == UNFILED:  # (0: not TCP; removed)
+            return
+        self._change_state(s, state, now)
+        self._wheel.file_earlier(s, s.last_seen + self._timeout_of[state])
+        if self.observer is not None:
+            self.observer.session_changed(s)
 
     def remove(self, s: Session, reason: str, now: float) -> None:
         """Remove ``s`` (reason e.g. "reused", "reset", "peer"); idempotent."""

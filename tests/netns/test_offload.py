@@ -20,7 +20,7 @@ import pytest
 
 from lab import configs
 from lab.topology import SERVERS, VIP, wait_until
-from tests.netns.harness import ENV, LabEnv
+from tests.netns.harness import ENV, LabEnv, Lbd
 from tests.netns.helpers import Holder, metric, scrape
 from tests.netns.test_vrrp import wait_states
 
@@ -42,6 +42,12 @@ def forwarded(env: LabEnv, host: str = "lba") -> tuple[float, float]:
     samples = scrape(env, host)
     return (metric(samples, "lbd_packets_forwarded_total", direction="in"),
             metric(samples, "lbd_packets_forwarded_total", direction="out"))
+
+
+def wait_established(lbd: Lbd, count: int) -> None:
+    """Until the kernel has told lbd that ``count`` offloaded handshakes completed."""
+    wait_until(lambda: lbd.ctl("status")["offload"]["established"] == count, timeout=5,
+               what=f"{count} offloaded connections ESTABLISHED in lbd's table")
 
 
 def test_the_kernel_forwards_every_packet_after_the_first(env: LabEnv) -> None:
@@ -81,8 +87,7 @@ def test_a_session_lbd_ends_is_ended_in_the_kernel_too(env: LabEnv) -> None:
     lbd = env.lbd(offloaded(configs.single()))
     holder = Holder(env, "c1", 1)
     try:
-        wait_until(lambda: lbd.ctl("status")["offload"]["established"] == 1, timeout=5,
-                   what="the held connection to be ESTABLISHED in lbd's table")
+        wait_established(lbd, 1)
         assert forwarded(env) == (1, 0)  # lbd read the SYN only
         (server,) = {s["server"] for s in lbd.ctl("sessions") if s["virtual"].endswith(":80")}
         lbd.ctl("kill-sessions", "web", server)
@@ -114,8 +119,7 @@ def test_the_scene_with_the_fast_path(env: LabEnv) -> None:
                    what=f"{lbd.host}'s sync connections")
     holder = Holder(env, "c1", 1)
     try:
-        wait_until(lambda: a.ctl("status")["offload"]["established"] == 1, timeout=5,
-                   what="the held connection to be offloaded and ESTABLISHED")
+        wait_established(a, 1)
         (session,) = [s for s in a.ctl("sessions") if s["virtual"].endswith(":80")]
 
         def on_b() -> list[dict[str, Any]]:
@@ -150,8 +154,7 @@ def test_a_killed_lbds_kernel_state_is_removed_by_the_next_start(env: LabEnv) ->
     lbd = env.lbd(offloaded(configs.single()))
     holder = Holder(env, "c1", 2)
     try:
-        wait_until(lambda: lbd.ctl("status")["offload"]["established"] == 2, timeout=5,
-                   what="the held connections to be offloaded")
+        wait_established(lbd, 2)
         assert marked_entries(env) == 2
         lbd.stop(signal.SIGKILL)
         env.lbd(configs.single())

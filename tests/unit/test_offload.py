@@ -139,6 +139,34 @@ def test_the_peers_flow_outlives_this_nodes_entry() -> None:
     assert table.lookup(s.fkey) is s and len(off) == 0 and rec.reasons == []
 
 
+def test_the_kernels_account_of_the_peers_flow_changes_nothing() -> None:
+    table: SessionTable[str] = SessionTable(SessionTimeouts(), 100, 0.1, Removed())
+    srv = RealServer("web", ip_to_int("198.18.0.11"), 8080, 1)
+    s = table.create(TCP, CLIENT, 40000, VIP, 80, srv, "web", TCP_SYN, 1.0)
+    assert s is not None
+    off = Offloads(table, owned=lambda _: False)
+    mark = off.take(s)
+    off.on_message(entry(s, mark, ct.CT_TCP_ESTABLISHED, timeout=900), 50.0)
+    assert s.state == TcpState.SYN_RECV and s.last_seen == 1.0
+
+
+def test_the_peer_learns_a_state_with_the_idle_clock_it_goes_with() -> None:
+    seen: list[tuple[str, float]] = []
+
+    class Changes(Removed):
+        def session_changed(self, s: Session) -> None:
+            seen.append((s.tcp_state.name, s.last_seen))
+
+    table: SessionTable[str] = SessionTable(SessionTimeouts(), 100, 0.1, Changes())
+    srv = RealServer("web", ip_to_int("198.18.0.11"), 8080, 1)
+    s = table.create(TCP, CLIENT, 40000, VIP, 80, srv, "web", TCP_SYN, 1.0)
+    assert s is not None
+    off = Offloads(table)
+    mark = off.take(s)
+    off.on_message(entry(s, mark, ct.CT_TCP_FIN_WAIT, timeout=110), 1800.0)
+    assert seen == [("FIN_WAIT", 1790.0)]  # 10 s into FIN_WAIT's 120 s
+
+
 def test_lbd_removing_an_offloaded_session_deletes_its_entry() -> None:
     _, off, s, _ = setup()
     off.take(s)
@@ -216,6 +244,33 @@ def test_a_retransmitted_syn_leaves_the_flow_in_the_kernel_another_packet_takes_
     assert sent.types()[-1] == [ct.IPCTNL_MSG_CT_DELETE]
 
 
+class Refusing(Sent):
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    def send(self, data: memoryview) -> int:
+        if self.failures:
+            self.failures -= 1
+            raise OSError(105, "No buffer space available")
+        return super().send(data)
+
+
+def test_a_failed_send_keeps_the_deletes_for_the_next_try() -> None:
+    table, off, _ = shell()
+    sock = Refusing(2)
+    off._sock = sock  # type: ignore[assignment]
+    srv = RealServer("web", ip_to_int("198.18.0.11"), 8080, 1)
+    off._queue(ct.pack_delete, (TCP << 96) | 1234, 0)
+    s = table.create(TCP, CLIENT, 40000, VIP, 80, srv, Svc(), TCP_SYN, 1.0)
+    assert s is not None
+    off.opened(s, TCP_SYN)  # DELETE + NEW refused: the flow stays on lbd's path
+    assert len(off.table) == 0 and off.table.failed_total == 1
+    off.send_pending()  # refused again: kept
+    off.send_pending()
+    assert sock.types() == [[ct.IPCTNL_MSG_CT_DELETE]]
+
+
 def test_queued_requests_never_overrun_the_buffer() -> None:
     table, off, sent = shell()
     srv = RealServer("web", ip_to_int("198.18.0.11"), 8080, 1)
@@ -250,3 +305,5 @@ def test_conntrack_keeps_entries_as_long_as_lbd_keeps_sessions() -> None:
     assert got["nf_conntrack_tcp_timeout_close"] == "1"  # whole seconds, at least one
     assert got["nf_conntrack_udp_timeout_stream"] == "90"
     assert got["nf_conntrack_tcp_be_liberal"] == "1"
+    assert got["nf_conntrack_tcp_timeout_unacknowledged"] == "600"  # no 300 s cap
+    assert got["nf_conntrack_tcp_timeout_max_retrans"] == "600"
