@@ -46,10 +46,10 @@ FLOOD_RATES: dict[str, tuple[int, bool | str]] = {  # key: (SYN/s, 0 = full rate
 VRRP_LOADS = {"vrrp_udp": "iperf3 4 streams + wrk + 64 B UDP flood",
               "vrrp_junk": "iperf3 4 streams + wrk + 64 B junk flood"}
 SYSTEMS_ORDER = ("kernel", "haproxy", "lbd", "lbd-pure", "lbd-2w", "lbd-offload")
-# On request: lbd-pure, lbd with LBD_NATIVE=pure; lbd-2w, the two-worker prototype
-# (bench/workers.py, not lbd: it measures the design's lever before it is built);
-# lbd-offload, lbd with [dataplane] offload = "conntrack" (the kernel fast path).
-DEFAULT_SYSTEMS = ("kernel", "haproxy", "lbd")
+# lbd-offload: lbd with [dataplane] offload = "conntrack" (the kernel fast path). On
+# request: lbd-pure, lbd with LBD_NATIVE=pure; lbd-2w, the two-worker prototype
+# (bench/workers.py, not lbd: it measures the design's lever before it is built).
+DEFAULT_SYSTEMS = ("kernel", "haproxy", "lbd", "lbd-offload")
 
 
 def make_figures(benches: Sequence[str], plan: netbench.Plan, sessions: int,
@@ -136,9 +136,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                     help=f"comma-separated subset of {','.join(BENCHES)} (default: all)")
     ap.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS),
                     help="comma-separated subset of " + ",".join(SYSTEMS_ORDER) + " (default: "
-                         "lbd,kernel,haproxy; lbd-pure is lbd on pure-Python modules, lbd-2w the "
-                         "two-worker prototype of bench/workers.py, lbd-offload lbd with the "
-                         "kernel fast path)")
+                         + ",".join(DEFAULT_SYSTEMS) + "; lbd-pure is lbd on pure-Python "
+                         "modules, lbd-2w the two-worker prototype of bench/workers.py, "
+                         "lbd-offload lbd with the kernel fast path)")
     ap.add_argument("--duration", type=float, default=3.0,
                     help="seconds per client run (iperf3, wrk); default 3")
     ap.add_argument("--rounds", type=int, default=3,
