@@ -19,9 +19,12 @@ from typing import Any
 import pytest
 
 from lab import configs
-from lab.topology import SERVERS, VIP, wait_until
+from lab.harness import shipped_node_config
+from lab.topology import SERVERS, VIP, VIP_B, wait_until
 from tests.netns.harness import ENV, LabEnv, Lbd
 from tests.netns.helpers import Holder, metric, scrape
+from tests.netns.test_active_active import OWN
+from tests.netns.test_active_active import wait_states as wait_aa_states
 from tests.netns.test_vrrp import wait_states
 
 URL = f"http://{VIP}/"
@@ -183,3 +186,26 @@ def test_a_retransmitted_syn_leaves_the_flow_in_the_kernel(env: LabEnv) -> None:
     assert status["offloaded"] == 1 and status["returned"] == 0
     assert status["established"] == 1
     assert forwarded(env) == (2, 0)  # the SYN twice, nothing else
+
+
+@pytest.mark.topology(pair=True)
+def test_active_active_with_the_fast_path(env: LabEnv) -> None:
+    """conf/aa-node-*.toml with the fast path on. Node a masters VIP A and the servers'
+    gateway: it hands VIP A's flows to its kernel. Node b masters VIP B, whose replies come
+    back through node a: an entry on b would see one direction only, so b makes none and
+    forwards VIP B's flows itself, a their replies from its synced copy. Every request to
+    either VIP is answered."""
+    env.start_servers()
+    a = env.lbd(offloaded(shipped_node_config("aa-node-a", env.tmp)), "lba")
+    b = env.lbd(offloaded(shipped_node_config("aa-node-b", env.tmp)), "lbb")
+    for lbd in (a, b):
+        wait_aa_states(lbd, OWN[lbd.host])
+        wait_until(lambda lbd=lbd: lbd.ctl("sync")["connected"],  # type: ignore[misc]
+                   timeout=10, what=f"{lbd.host}'s sync connections")
+    for url in (URL, f"http://{VIP_B}/"):
+        got: Any = env.client("c1", "get", url, "--count", "6", "--timeout", "3")
+        assert len(got["answers"]) == 6 and set(got["answers"]) <= set(SERVERS), got
+    a_off, b_off = a.ctl("status")["offload"], b.ctl("status")["offload"]
+    assert a_off["offloaded"] == 6 and a_off["failed"] == 0 and a_off["returned"] == 0
+    assert b_off["offloaded"] == 0
+    assert forwarded(env, "lbb")[0] > 6  # b carried VIP B's flows itself
