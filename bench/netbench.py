@@ -28,6 +28,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from lab import configs
 from lab.topology import GATEWAY, LB_FRONT, SERVERS, VIP, Lab, LabError, build, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
@@ -311,8 +312,7 @@ def _lbd_conf(tmp: Path, *, offload: bool = False) -> Path:
                            iperf=IPERF_PORT,
                            http=HTTP_VPORT, s1=SERVERS["s1"], web=web)
     if offload:
-        text = text.replace('server_interface = "eth1"\n',
-                            'server_interface = "eth1"\noffload = "conntrack"\n', 1)
+        text = configs.with_dataplane(text, 'offload = "conntrack"')
     conf.write_text(text)
     return conf
 

@@ -11,6 +11,14 @@ def servers_toml(port: int, names: tuple[str, ...] = tuple(SERVERS), extra: str 
     return f"[\n{items},\n]"
 
 
+def with_dataplane(text: str, *lines: str) -> str:
+    """``text`` (a config this module made, or one shipped in conf/) with more
+    ``[dataplane]`` keys, e.g. ``'offload = "conntrack"'``."""
+    anchor = 'server_interface = "eth1"\n'
+    assert anchor in text, "no [dataplane] server_interface line to add keys after"
+    return text.replace(anchor, anchor + "".join(f"{line}\n" for line in lines), 1)
+
+
 def single(*, scheduler: str = "rr", persistence: str = "none", netmask: int = 32,
            health: str = "", sessions: str = "", web_servers: str | None = None,
            pool_extra: str = "", udp_port: int = 5353, name: str = "lb-test",

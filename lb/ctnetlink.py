@@ -317,7 +317,7 @@ def parse(data: bytes | bytearray | memoryview, n: int) -> list[CtMessage]:
                 seq = _BE32.unpack_from(data, body + 12)[0]  # as pack_* wrote it
                 attrs = body + 4 + _HEAD_LEN
                 stop = min(body + 4 + req_len, end)
-                fkey = _tuple_key_of_request(data, attrs, stop)
+                fkey = _entry(data, attrs, stop)[0]
                 out.append(CtMessage(ERROR, fkey, request=req_type & 0xFF, errno=err,
                                      seq=seq))
         elif mtype >> 8 == NFNL_SUBSYS_CTNETLINK and length >= _HEAD_LEN and \
@@ -330,15 +330,3 @@ def parse(data: bytes | bytearray | memoryview, n: int) -> list[CtMessage]:
                                          fkey, mark, status, state, timeout=timeout))
         off += (length + 3) & ~3
     return out
-
-
-def _tuple_key_of_request(data: bytes | bytearray | memoryview, off: int, end: int) -> int:
-    """The forward key of an echoed request's CTA_TUPLE_ORIG (0 if it has none)."""
-    while off + 4 <= end:
-        length, atype = _NLA.unpack_from(data, off)
-        if length < 4:
-            return 0
-        if atype & 0x7FFF == CTA_TUPLE_ORIG:
-            return _tuple_key(data, off + 4, min(off + length, end))
-        off += (length + 3) & ~3
-    return 0

@@ -41,8 +41,8 @@ is kept, and lbd asks the kernel whether the entry still exists (GET): a lost DE
 costs a session at most one timeout.
 
 Pure part: :func:`ruleset`, :class:`Offloads` (which flows are in the kernel, what each
-event means for the session table). I/O part: :class:`ConntrackOffload` (the two netlink
-sockets, the nft table, the sysctls).
+event means for the session table). I/O part: :class:`ConntrackOffload` (the netlink
+socket, the nft table, the flush of leftover entries).
 """
 
 from __future__ import annotations
@@ -103,9 +103,6 @@ CT_MARK: Final = 0x8000_0000
 
 REPLY_MARK: Final = 0x4000_0000
 """The packet mark of a server's reply on an offloaded flow (skips lbd's reply rules)."""
-
-MODES: Final = ("off", "conntrack")
-
 
 def ruleset(client_if: str, tun: str, tcp_targets: Iterable[tuple[str, int]]) -> str:
     """The nft script that (re)creates :data:`TABLE`: see the module docstring. Without
@@ -294,12 +291,12 @@ class ConntrackOffload:
     answers and events, loads and removes the nft table.
 
     One netlink socket sends NEW, DELETE and GET (the kernel processes each within the
-    ``send``: an entry exists before the packet that opened its flow is written back) and is
-    subscribed to the update and destroy events. One socket, because the kernel never
-    echoes an event to the socket whose request caused it: the DESTROY of an entry lbd
-    deleted itself (a port reused, a session killed) costs no wake-up. A DELETE waits in
-    ``_out`` for the next NEW (a reused port: one ``send`` for both) or the end of the loop
-    iteration, whichever comes first.
+    ``send``: an entry exists before the packet that opened its flow is written back),
+    receives the refusals, and is subscribed to the update and destroy events: one reader
+    on the loop. The DESTROY of an entry lbd deleted itself does arrive (the kernel echoes
+    events to the requester as to any listener) and is dropped: its flow is no longer in
+    ``flows``, or holds a newer mark. A DELETE waits in ``_out`` for the next NEW (a reused
+    port: one ``send`` for both) or the end of the loop iteration, whichever comes first.
     """
 
     RCVBUF = 8 << 20
@@ -370,12 +367,9 @@ class ConntrackOffload:
             run_nft(f"table ip {TABLE} {{}}\ndelete table ip {TABLE}\n")
         except RuntimeError as exc:
             log.warning("offload: cannot remove nft table ip %s: %s", TABLE, exc)
-        if leftover:
-            had = ConntrackOffload.flush_entries()
-            if had:
-                log.info("removed %d conntrack entries an earlier lbd left", had)
-            return
-        ConntrackOffload.flush_entries()
+        had = ConntrackOffload.flush_entries()
+        if leftover and had:
+            log.info("removed %d conntrack entries an earlier lbd left", had)
 
     @staticmethod
     def flush_entries() -> int:

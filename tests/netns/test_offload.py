@@ -25,6 +25,7 @@ from tests.netns.harness import ENV, LabEnv, Lbd
 from tests.netns.helpers import Holder, metric, scrape
 from tests.netns.test_active_active import OWN
 from tests.netns.test_active_active import wait_states as wait_aa_states
+from tests.netns.test_sync import start_synced_pair
 from tests.netns.test_vrrp import wait_states
 
 URL = f"http://{VIP}/"
@@ -36,9 +37,11 @@ tcp_close_timeout = "1s"
 """
 
 
+OFFLOAD = 'offload = "conntrack"'
+
+
 def offloaded(text: str) -> str:
-    return text.replace('server_interface = "eth1"\n',
-                        'server_interface = "eth1"\noffload = "conntrack"\n', 1)
+    return configs.with_dataplane(text, OFFLOAD)
 
 
 def forwarded(env: LabEnv, host: str = "lba") -> tuple[float, float]:
@@ -105,21 +108,7 @@ def test_the_scene_with_the_fast_path(env: LabEnv) -> None:
     """The master's kernel forwards the client's connection; the master dies; the backup
     takes the addresses and forwards the same connection from its synced session to the
     same server, and the client's next connections are still pinned there."""
-    env.start_servers()
-    key = env.tmp / "sync.key"
-    key.write_text("a shared secret for the lab pair\n")
-
-    def config(node: str, priority: int) -> str:
-        return offloaded(configs.pair(node, priority=priority, sync=True,
-                                      persistence="client-ip")).replace("@KEYFILE@", str(key))
-
-    a = env.lbd(config("lba", 200), "lba")
-    wait_states(a, "MASTER")
-    b = env.lbd(config("lbb", 100), "lbb")
-    wait_states(b, "BACKUP")
-    for lbd in (a, b):
-        wait_until(lambda lbd=lbd: lbd.ctl("sync")["connected"], timeout=10,  # type: ignore[misc]
-                   what=f"{lbd.host}'s sync connections")
+    a, b = start_synced_pair(env, dataplane=(OFFLOAD,))
     holder = Holder(env, "c1", 1)
     try:
         wait_established(a, 1)

@@ -29,9 +29,8 @@ LOAD_RATE = 50
 LOAD_SECONDS = 5
 
 
-def with_proxy(text: str, setting: str = "syn_proxy = true\n") -> str:
-    return text.replace('server_interface = "eth1"\n',
-                        'server_interface = "eth1"\n' + setting, 1)
+def with_proxy(text: str, *settings: str) -> str:
+    return configs.with_dataplane(text, *(settings or ("syn_proxy = true",)))
 
 
 def proxied_config() -> str:
@@ -146,8 +145,8 @@ def test_a_full_rate_flood_through_the_master_moves_no_vrrp_state_and_status_ans
 
 
 def auto_config() -> str:
-    return with_proxy(configs.single(), 'syn_proxy = "auto"\nsyn_proxy_half_open = 500\n'
-                                        'syn_proxy_hold = "3s"\n')
+    return with_proxy(configs.single(), 'syn_proxy = "auto"', "syn_proxy_half_open = 500",
+                      'syn_proxy_hold = "3s"')
 
 
 def test_auto_engages_under_a_flood_and_releases_after_it_without_breaking_a_flow(

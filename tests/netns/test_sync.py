@@ -27,19 +27,23 @@ URL = f"http://{VIP}/"
 NAME_OF = {f"{addr}:8080": name for name, addr in SERVERS.items()}
 
 
-def synced_config(env: LabEnv, node: str, priority: int, sessions: str = "") -> str:
+def synced_config(env: LabEnv, node: str, priority: int, sessions: str = "",
+                  dataplane: tuple[str, ...] = ()) -> str:
+    """One node of the synced pair; ``dataplane``: more ``[dataplane]`` keys."""
     key = env.tmp / "sync.key"
     if not key.exists():
         key.write_text("a shared secret for the lab pair\n")
-    return configs.pair(node, priority=priority, sync=True, sessions=sessions,
+    text = configs.pair(node, priority=priority, sync=True, sessions=sessions,
                         persistence="client-ip").replace("@KEYFILE@", str(key))
+    return configs.with_dataplane(text, *dataplane) if dataplane else text
 
 
-def start_synced_pair(env: LabEnv, sessions: str = "") -> tuple[Lbd, Lbd]:
+def start_synced_pair(env: LabEnv, sessions: str = "",
+                      dataplane: tuple[str, ...] = ()) -> tuple[Lbd, Lbd]:
     env.start_servers()
-    a = env.lbd(synced_config(env, "lba", 200, sessions), "lba")
+    a = env.lbd(synced_config(env, "lba", 200, sessions, dataplane), "lba")
     wait_states(a, "MASTER")
-    b = env.lbd(synced_config(env, "lbb", 100, sessions), "lbb")
+    b = env.lbd(synced_config(env, "lbb", 100, sessions, dataplane), "lbb")
     wait_states(b, "BACKUP")
     for lbd in (a, b):
         wait_until(lambda lbd=lbd: lbd.ctl("sync")["connected"], timeout=10,  # type: ignore[misc]
